@@ -1,0 +1,103 @@
+"""The interface between the server and wherever users' terminals run.
+
+Handlers and the terminal layer only ever talk to a `ContainerBackend`; the Docker and
+local implementations live beside it. A backend knows nothing of HTTP: it is handed a
+`UserRef` (who, which ports, which workspace folder) and answers with the argv that attaches
+a terminal tab, or raises `BackendError` with a message fit to show the user.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TAB_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+PORTS_PER_USER = 10
+
+
+class BackendError(Exception):
+    """An operation failed for a reason the user can be told (engine down, cap reached...)."""
+
+
+@dataclass(frozen=True)
+class UserRef:
+    user_id: str  # the identity provider's subject; also the workspace folder's name
+    port_start: int
+    workspace: Path  # DATA_DIR/workspaces/<user_id>, already created
+
+    @property
+    def port_end(self) -> int:
+        return self.port_start + PORTS_PER_USER - 1
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where one user's tabs run: a container id for Docker, the workspace for local."""
+
+    user: UserRef
+    ref: str
+
+
+@dataclass(frozen=True)
+class AttachCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+def tmux_session_name(tab_id: str) -> str:
+    if not TAB_ID.match(tab_id):
+        raise ValueError(f"bad tab id: {tab_id!r}")
+    return f"tab{tab_id}"
+
+
+class ContainerBackend(abc.ABC):
+    """Gives each user one place to run tmux sessions, and manages its lifetime."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Adopt what already runs and start background work (the idle reaper)."""
+
+    async def stop(self) -> None:
+        """Stop background work. User containers and tmux sessions keep running."""
+
+    @abc.abstractmethod
+    async def ensure(self, user: UserRef) -> Box:
+        """Make the user's box ready (create, start or reuse). Raises BackendError."""
+
+    @abc.abstractmethod
+    def attach_command(self, box: Box, tab_id: str, client_id: str) -> AttachCommand:
+        """The argv that attaches tab `tab_id` (tmux new-session -A) under a PTY.
+
+        `client_id` names this one attachment so that `detach` can end exactly its tmux
+        client and nothing else.
+        """
+
+    @abc.abstractmethod
+    async def detach(self, box: Box, client_id: str) -> None:
+        """End the tmux client that attachment `client_id` started (the session lives on)."""
+
+    @abc.abstractmethod
+    async def close_tab(self, user: UserRef, tab_id: str) -> None:
+        """Kill a tab's tmux session and its programs; no error if it is already gone."""
+
+    @abc.abstractmethod
+    async def cd_all_tabs(self, user: UserRef, folder: str) -> None:
+        """Type `cd <folder>` into every tmux session of the user (folder is workspace-relative)."""
+
+    @abc.abstractmethod
+    async def health(self) -> dict:
+        """`{"ok": bool, ...}` for /healthz."""
+
+    def terminal_opened(self, user: UserRef) -> None:
+        """The user's first terminal opened: stop their idle clock."""
+
+    def terminal_closed(self, user: UserRef) -> None:
+        """The user's last terminal closed: start their idle clock."""
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for /metrics, e.g. {"running_containers": 3}."""
+        return {}

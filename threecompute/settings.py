@@ -1,0 +1,192 @@
+"""Every setting the server reads, declared once: flags, environment and `.env`.
+
+`load_settings` validates everything at start-up and raises `ConfigError` with one line
+naming the variable, so a bad deployment stops before it serves anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+GOOGLE_AUTHORIZE_URL = "https://accounts.google.com/o/oauth2/v2/auth"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+GOOGLE_USERINFO_URL = "https://openidconnect.googleapis.com/v1/userinfo"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it in one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 5555
+    debug: bool = False
+    dev: bool = False
+    backend: str = "docker"
+    secret: str = ""
+    secret_generated: bool = False
+    production: bool = False
+    google_client_id: str = ""
+    google_client_secret: str = ""
+    frontend_origin: str = "http://localhost:3000"
+    redirect_uri: str = "http://127.0.0.1:5555/auth/callback"
+    github_webhook_secret: str = ""
+    port_base: int = 8000
+    data_dir: Path = Path("data")
+    container_image: str = "3compute"
+    admin_emails: frozenset[str] = field(default_factory=frozenset)
+    max_containers: int = 100
+    container_memory: str = "512m"
+    container_cpus: float = 1.0
+    container_pids: int = 256
+    idle_timeout_seconds: float = 600.0
+    idle_poll_seconds: float = 30.0
+    oauth_authorize_url: str = GOOGLE_AUTHORIZE_URL
+    oauth_token_url: str = GOOGLE_TOKEN_URL
+    oauth_userinfo_url: str = GOOGLE_USERINFO_URL
+    deploy_command: str = "/opt/deploy.sh"
+    session_days: float = 7.0
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "3compute.sqlite3"
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, `#` comments, optional quotes; nothing fancier."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="3Compute backend server")
+    parser.add_argument("--host", default=None, help="bind address (default HOST_IP, else 127.0.0.1)")
+    parser.add_argument("--port", default="5555", help="listen port (default 5555)")
+    parser.add_argument("--debug", action="store_true", help="verbose logging")
+    parser.add_argument("--dev", action="store_true", help="development mode (dev-login, no Secure cookie)")
+    parser.add_argument("--backend", default="docker", choices=["docker", "local"], help="where terminals run")
+    return parser.parse_args(argv)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also refuses NaN
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw}")
+    return value
+
+
+def _memory(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    digits = raw[:-1] if raw[-1:] in "bkmg" else raw
+    if not digits.isdigit() or int(digits) <= 0:
+        raise ConfigError(f"{name} must be a size such as 512m or 1g, got {raw!r}")
+    return raw
+
+
+def _port(raw: str, name: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
+    return port
+
+
+def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
+                  dotenv: Path = Path(".env")) -> Settings:
+    args = parse_args(argv)
+    env = {**read_dotenv(dotenv), **(os.environ if environ is None else environ)}
+    production = env.get("FLASK_ENV", "").strip().lower() == "production"
+    if args.dev and production:
+        raise ConfigError("--dev is refused when FLASK_ENV=production")
+    host = args.host or env.get("HOST_IP", "").strip() or "127.0.0.1"
+    port = _port(args.port, "--port")
+    if args.backend == "local" and not (args.dev and host in LOOPBACK_HOSTS):
+        raise ConfigError("--backend local needs --dev and a loopback --host")
+
+    secret = env.get("FLASK_SECRET", "")
+    generated = False
+    if not secret:
+        if not args.dev:
+            raise ConfigError("FLASK_SECRET is required (or run with --dev)")
+        secret, generated = secrets.token_urlsafe(32), True
+
+    suffix = "PROD" if production else "DEV"
+    frontend = env.get(f"FRONTEND_ORIGIN_{suffix}", "").strip().rstrip("/") or "http://localhost:3000"
+    redirect = env.get(f"REDIRECT_URI_{suffix}", "").strip() or f"http://{host}:{port}/auth/callback"
+    port_base = _int(env, "PORT_BASE", 8000, minimum=1)
+    if port_base > 65535 - 10:
+        raise ConfigError(f"PORT_BASE must leave room for 10 ports below 65536, got {port_base}")
+
+    return Settings(
+        host=host,
+        port=port,
+        debug=args.debug,
+        dev=args.dev,
+        backend=args.backend,
+        secret=secret,
+        secret_generated=generated,
+        production=production,
+        google_client_id=env.get("GOOGLE_CLIENT_ID", ""),
+        google_client_secret=env.get("GOOGLE_CLIENT_SECRET", ""),
+        frontend_origin=frontend,
+        redirect_uri=redirect,
+        github_webhook_secret=env.get("GITHUB_WEBHOOK_SECRET", ""),
+        port_base=port_base,
+        data_dir=Path(env.get("DATA_DIR", "").strip() or "data").absolute(),
+        container_image=env.get("CONTAINER_IMAGE", "").strip() or "3compute",
+        admin_emails=frozenset(e.strip().lower() for e in env.get("ADMIN_EMAILS", "").split(",") if e.strip()),
+        max_containers=_int(env, "MAX_CONTAINERS", 100, minimum=1),
+        container_memory=_memory(env, "CONTAINER_MEMORY", "512m"),
+        container_cpus=_float(env, "CONTAINER_CPUS", 1.0, minimum=0.01),
+        container_pids=_int(env, "CONTAINER_PIDS", 256, minimum=16),
+        idle_timeout_seconds=_float(env, "IDLE_TIMEOUT_SECONDS", 600.0),
+        idle_poll_seconds=_float(env, "IDLE_POLL_SECONDS", 30.0, minimum=0.1),
+        oauth_authorize_url=env.get("OAUTH_AUTHORIZE_URL", "").strip() or GOOGLE_AUTHORIZE_URL,
+        oauth_token_url=env.get("OAUTH_TOKEN_URL", "").strip() or GOOGLE_TOKEN_URL,
+        oauth_userinfo_url=env.get("OAUTH_USERINFO_URL", "").strip() or GOOGLE_USERINFO_URL,
+        deploy_command=env.get("DEPLOY_COMMAND", "").strip() or "/opt/deploy.sh",
+        session_days=_float(env, "SESSION_DAYS", 7.0, minimum=0.001),
+    )
