@@ -1,0 +1,72 @@
+"""3Compute backend entry point: flags -> Settings -> services -> app -> IOLoop.
+
+    python server.py [--host HOST] [--port PORT] [--debug] [--dev] [--backend docker|local]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from tornado.httpserver import HTTPServer
+
+from threecompute.app import MAX_BODY_BYTES, make_app
+from threecompute.handlers.terminal import close_all_sockets
+from threecompute.services import Services, build_services
+from threecompute.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("threecompute")
+
+
+async def serve(settings: Settings) -> None:
+    services = build_services(settings)
+    await services.backend.start()
+    server = HTTPServer(make_app(services), max_body_size=MAX_BODY_BYTES, xheaders=True)
+    try:
+        server.listen(settings.port, settings.host)
+    except OSError as exc:
+        await services.backend.stop()
+        services.close()
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    log.info("3compute listening on http://%s:%d (backend %s%s)", settings.host, settings.port,
+             services.backend.name, ", dev mode" if settings.dev else "")
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: closing terminals; user containers keep running")
+    await shutdown(server, services)
+
+
+async def shutdown(server: HTTPServer, services: Services) -> None:
+    server.stop()
+    await close_all_sockets(services)
+    await services.backend.stop()
+    await server.close_all_connections()
+    services.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"3compute: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.secret_generated:
+        log.warning("FLASK_SECRET is not set: using a random one for this run (--dev); sessions end with it")
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"3compute: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

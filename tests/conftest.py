@@ -1,0 +1,254 @@
+"""Shared fixtures: a real server on loopback (pytest-tornado), a fake OAuth provider on
+loopback, settings on a temporary DATA_DIR, and a small cookie-keeping HTTP client."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from http.cookies import SimpleCookie
+from pathlib import Path
+
+import pytest
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from threecompute.app import MAX_BODY_BYTES, make_app
+from threecompute.handlers.terminal import close_all_sockets
+from threecompute.services import Services, build_services
+from threecompute.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-0123456789abcdef0123456789"
+FRONTEND = "http://frontend.test:3000"
+ADMIN = "admin@example.com"
+
+
+def free_port_block(size: int = 10, low: int = 20000, high: int = 40000) -> int:
+    """The start of `size` consecutive ports nobody listens on (for PORT_BASE)."""
+    for _ in range(200):
+        start = random.randrange(low, high - size)
+        if all(port_is_free(p) for p in range(start, start + size)):
+            return start
+    raise RuntimeError("no free port block")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+# -- the fake OAuth provider ------------------------------------------------------------
+
+
+class FakeProvider:
+    """Authorize, token and userinfo endpoints; `profile` is whom the next sign-in returns."""
+
+    def __init__(self) -> None:
+        self.profile: dict = {"sub": "1001", "email": "student@example.com", "email_verified": True}
+        self.codes: dict[str, dict] = {}
+        self.tokens: dict[str, dict] = {}
+        self.token_requests: list[dict] = []
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> tornado.web.Application:
+        provider = self
+
+        class Authorize(tornado.web.RequestHandler):
+            def get(self) -> None:
+                code = f"code{len(provider.codes)}"
+                provider.codes[code] = dict(provider.profile)
+                query = urllib.parse.urlencode({"code": code, "state": self.get_argument("state")})
+                self.redirect(f"{self.get_argument('redirect_uri')}?{query}")
+
+        class Token(tornado.web.RequestHandler):
+            def check_xsrf_cookie(self) -> None:
+                pass
+
+            def post(self) -> None:
+                form = {k: self.get_body_argument(k) for k in self.request.body_arguments}
+                provider.token_requests.append(form)
+                profile = provider.codes.pop(form.get("code", ""), None)
+                if profile is None or form.get("client_secret") != "client-secret":
+                    self.set_status(400)
+                    self.finish({"error": "invalid_grant"})
+                    return
+                token = f"tok{len(provider.tokens)}"
+                provider.tokens[token] = profile
+                self.finish({"access_token": token, "token_type": "Bearer", "expires_in": 3600})
+
+        class UserInfo(tornado.web.RequestHandler):
+            def get(self) -> None:
+                token = self.request.headers.get("Authorization", "").removeprefix("Bearer ")
+                if token not in provider.tokens:
+                    self.set_status(401)
+                    self.finish({"error": "invalid_token"})
+                    return
+                self.finish(provider.tokens[token])
+
+        return tornado.web.Application([(r"/authorize", Authorize), (r"/token", Token), (r"/userinfo", UserInfo)])
+
+
+@pytest.fixture
+def provider(io_loop) -> Iterator[FakeProvider]:
+    fake = FakeProvider()
+    sock, fake.port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(fake.app())
+    server.add_sockets([sock])
+    yield fake
+    server.stop()
+
+
+# -- settings and the server under test -------------------------------------------------
+
+
+def test_environ(data_dir: Path, provider: FakeProvider | None, http_port: int, **extra: str) -> dict[str, str]:
+    env = {
+        "FLASK_SECRET": SECRET,
+        "FRONTEND_ORIGIN_DEV": FRONTEND,
+        "REDIRECT_URI_DEV": f"http://localhost:{http_port}/auth/callback",
+        "GOOGLE_CLIENT_ID": "client-id",
+        "GOOGLE_CLIENT_SECRET": "client-secret",
+        "DATA_DIR": str(data_dir),
+        "ADMIN_EMAILS": ADMIN,
+        "PORT_BASE": str(free_port_block(10 * 50)),
+        "GITHUB_WEBHOOK_SECRET": "hook-secret",
+        "DEPLOY_COMMAND": f"{sys.executable} -c pass",
+    }
+    if provider is not None:
+        env |= {
+            "OAUTH_AUTHORIZE_URL": f"{provider.base}/authorize",
+            "OAUTH_TOKEN_URL": f"{provider.base}/token",
+            "OAUTH_USERINFO_URL": f"{provider.base}/userinfo",
+        }
+    return env | extra
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def server_flags() -> list[str]:
+    return ["--dev", "--backend", "local", "--host", "127.0.0.1"]
+
+
+@pytest.fixture
+def server_env(data_dir, provider, http_port) -> dict[str, str]:
+    return test_environ(data_dir, provider, http_port)
+
+
+@pytest.fixture
+def settings(server_flags, server_env, tmp_path) -> Settings:
+    return load_settings(server_flags, server_env, dotenv=tmp_path / "no.env")
+
+
+@pytest.fixture
+def services(settings, io_loop) -> Iterator[Services]:
+    built = build_services(settings)
+    io_loop.run_sync(built.backend.start)
+    yield built
+    io_loop.run_sync(lambda: close_all_sockets(built))
+    io_loop.run_sync(built.backend.stop)
+    built.close()
+
+
+@pytest.fixture
+def app(services) -> tornado.web.Application:
+    return make_app(services)
+
+
+@pytest.fixture
+def http_server(request, io_loop, _unused_port, app):  # noqa: ANN001 - pytest-tornado's own fixture, with our body limit
+    server = tornado.httpserver.HTTPServer(app, max_body_size=MAX_BODY_BYTES)
+    server.add_sockets([_unused_port[0]])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=10)
+
+
+# -- a client that keeps cookies --------------------------------------------------------
+
+
+class Client:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.cookies: dict[str, str] = {}
+        self.http = AsyncHTTPClient()
+
+    def cookie_header(self) -> str:
+        return "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+
+    async def fetch(self, path: str, method: str = "GET", body: bytes | str | dict | None = None,
+                    headers: dict | None = None, **kwargs) -> HTTPResponse:
+        headers = dict(headers or {})
+        if self.cookies:
+            headers.setdefault("Cookie", self.cookie_header())
+        if isinstance(body, dict):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        if body is None and method in ("POST", "PUT"):
+            body = b""
+        url = path if path.startswith("http") else self.base_url + path
+        response = await self.http.fetch(url, method=method, body=body, headers=headers, raise_error=False,
+                                         follow_redirects=False, request_timeout=60, **kwargs)
+        self.keep_cookies(response)
+        return response
+
+    def keep_cookies(self, response: HTTPResponse) -> None:
+        for header in response.headers.get_list("Set-Cookie"):
+            jar = SimpleCookie()
+            jar.load(header)
+            for name, morsel in jar.items():
+                if morsel["expires"] and "1970" in morsel["expires"] or morsel.value == "":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+
+    async def dev_login(self, email: str) -> HTTPResponse:
+        response = await self.fetch("/auth/dev-login?" + urllib.parse.urlencode({"email": email}))
+        assert response.code == 302, (response.code, response.body)
+        return response
+
+
+def body_json(response: HTTPResponse) -> dict:
+    try:
+        return json.loads(response.body)
+    except ValueError:
+        raise AssertionError(f"not JSON ({response.code}): {response.body[:300]!r}") from None
+
+
+@pytest.fixture
+def client(base_url, http_server) -> Client:
+    return Client(base_url)
+
+
+@pytest.fixture
+def make_client(base_url, http_server):
+    return lambda: Client(base_url)
+
+
+# -- a server in its own process --------------------------------------------------------
+
+
+def run_server_process(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 20):
+    """server.py run to completion (for start-up failures), with only `env` on top of a clean base."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "GOOGLE_", "DATA_DIR"))}
+    return subprocess.run([sys.executable, str(ROOT / "server.py"), *args], env=base | env,
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,117 @@
+"""Start-up: flags and settings, and the one-line errors for bad ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from threecompute.settings import ConfigError, load_settings
+
+from .conftest import ROOT, port_is_free, run_server_process
+
+
+def settings_from(argv: list[str], env: dict[str, str], tmp_path: Path):
+    return load_settings(argv, env, dotenv=tmp_path / "none.env")
+
+
+def test_defaults(tmp_path):
+    settings = settings_from([], {"FLASK_SECRET": "s"}, tmp_path)
+    assert (settings.host, settings.port, settings.backend) == ("127.0.0.1", 5555, "docker")
+    assert settings.port_base == 8000
+    assert settings.container_image == "3compute"
+    assert settings.data_dir == Path("data").absolute()
+    assert settings.deploy_command == "/opt/deploy.sh"
+
+
+def test_host_ip_is_the_default_host(tmp_path):
+    env = {"FLASK_SECRET": "s", "HOST_IP": "0.0.0.0"}
+    assert settings_from([], env, tmp_path).host == "0.0.0.0"
+    assert settings_from(["--host", "127.0.0.2"], env, tmp_path).host == "127.0.0.2"
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text('# comment\nFLASK_SECRET="from-file"\nexport PORT_BASE=9000\nCONTAINER_IMAGE=img\n')
+    settings = load_settings([], {"CONTAINER_IMAGE": "from-env"}, dotenv=dotenv)
+    assert (settings.secret, settings.port_base, settings.container_image) == ("from-file", 9000, "from-env")
+
+
+def test_production_picks_the_prod_origin(tmp_path):
+    env = {"FLASK_SECRET": "s", "FLASK_ENV": "production", "FRONTEND_ORIGIN_PROD": "https://app.example/",
+           "FRONTEND_ORIGIN_DEV": "http://localhost:3000", "REDIRECT_URI_PROD": "https://api.example/callback"}
+    settings = settings_from([], env, tmp_path)
+    assert settings.production and settings.frontend_origin == "https://app.example"
+    assert settings.redirect_uri == "https://api.example/callback"
+
+
+@pytest.mark.parametrize("argv, env, names", [
+    (["--port", "abc"], {"FLASK_SECRET": "s"}, "--port"),
+    (["--port", "70000"], {"FLASK_SECRET": "s"}, "--port"),
+    ([], {}, "FLASK_SECRET"),
+    ([], {"FLASK_ENV": "production"}, "FLASK_SECRET"),
+    (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": "s"}, "--dev"),
+    ([], {"FLASK_SECRET": "s", "PORT_BASE": "eight"}, "PORT_BASE"),
+    ([], {"FLASK_SECRET": "s", "MAX_CONTAINERS": "-1"}, "MAX_CONTAINERS"),
+    ([], {"FLASK_SECRET": "s", "CONTAINER_PIDS": "-5"}, "CONTAINER_PIDS"),
+    ([], {"FLASK_SECRET": "s", "CONTAINER_CPUS": "nan"}, "CONTAINER_CPUS"),
+    ([], {"FLASK_SECRET": "s", "CONTAINER_MEMORY": "lots"}, "CONTAINER_MEMORY"),
+    ([], {"FLASK_SECRET": "s", "IDLE_TIMEOUT_SECONDS": "-3"}, "IDLE_TIMEOUT_SECONDS"),
+    (["--backend", "local"], {"FLASK_SECRET": "s"}, "--backend local"),
+    (["--backend", "local", "--dev", "--host", "0.0.0.0"], {}, "--backend local"),
+])
+def test_bad_settings_name_the_culprit(tmp_path, argv, env, names):
+    with pytest.raises(ConfigError, match=names):
+        settings_from(argv, env, tmp_path)
+
+
+def test_dev_without_a_secret_makes_one(tmp_path):
+    settings = settings_from(["--dev"], {}, tmp_path)
+    assert settings.secret and settings.secret_generated
+
+
+@pytest.mark.parametrize("args, env, names", [
+    (["--port", "abc"], {"FLASK_SECRET": "s"}, "--port"),
+    ([], {"FLASK_ENV": "production", "FLASK_SECRET": ""}, "FLASK_SECRET"),
+    (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": "s"}, "--dev"),
+    ([], {"FLASK_SECRET": "s", "MAX_CONTAINERS": "many"}, "MAX_CONTAINERS"),
+])
+def test_the_server_exits_with_one_line_not_a_traceback(tmp_path, args, env, names):
+    result = run_server_process(args, {"DATA_DIR": str(tmp_path / "data"), **env}, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0] and "Traceback" not in result.stderr
+
+
+def wait_for_health(port: int, deadline: float) -> dict:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+                return {"code": answer.status}
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the server never answered /healthz")
+
+
+def test_the_server_runs_and_stops_cleanly_on_sigterm(tmp_path):
+    port = next(p for p in range(41000, 42000) if port_is_free(p))
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--dev", "--backend", "local",
+                                "--port", str(port)], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_health(port, time.monotonic() + 20)["code"] == 200
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "random one" in output  # --dev without FLASK_SECRET says so
+    assert "Traceback" not in output

@@ -1,0 +1,113 @@
+"""POST /github-webhook: every branch of the contract, with a real deploy command."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from threecompute.deploy import Deployer
+
+from .conftest import body_json
+
+SECRET = "hook-secret"
+SUCCESS = {"action": "completed", "workflow_run": {"conclusion": "success", "head_branch": "main"}}
+
+
+def signed(payload: bytes, secret: str = SECRET) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+    return {"X-Hub-Signature-256": f"sha256={digest}", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def runs_log(tmp_path: Path, services) -> Path:
+    """Point the deployer at a command that appends a line per run and takes 0.3 s."""
+    log = tmp_path / "runs.log"
+    script = f"import time; open({str(log)!r}, 'a').write('run\\n'); time.sleep(0.3)"
+    services.deployer = Deployer(f"{sys.executable} -c {json.dumps(script)}")
+    return log
+
+
+def runs(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.gen_test
+async def test_a_signed_success_on_main_runs_the_deploy(client, services, runs_log):
+    payload = json.dumps(SUCCESS).encode()
+    answer = await client.fetch("/github-webhook", "POST", payload, headers=signed(payload))
+    assert answer.code == 200, answer.body
+    await services.deployer.wait_idle()
+    assert runs(runs_log) == 1
+
+
+@pytest.mark.gen_test
+async def test_requests_during_a_run_queue_exactly_one_more(client, services, runs_log):
+    payload = json.dumps(SUCCESS).encode()
+    codes = [(await client.fetch("/github-webhook", "POST", payload, headers=signed(payload))).code
+             for _ in range(4)]
+    assert codes == [200, 202, 202, 202]
+    await services.deployer.wait_idle()
+    assert runs(runs_log) == 2
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("event, reason", [
+    ({"action": "requested", "workflow_run": {"conclusion": "success", "head_branch": "main"}}, "action"),
+    ({"action": "completed", "workflow_run": {"conclusion": "failure", "head_branch": "main"}}, "conclusion"),
+    ({"action": "completed", "workflow_run": {"conclusion": "success", "head_branch": "dev"}}, "head_branch"),
+    ({"action": "completed", "conclusion": "success", "head_branch": "feature"}, "head_branch"),
+])
+async def test_other_events_are_204_with_a_reason(client, services, runs_log, event, reason):
+    payload = json.dumps(event).encode()
+    answer = await client.fetch("/github-webhook", "POST", payload, headers=signed(payload))
+    assert answer.code == 204
+    assert reason in answer.headers["X-Reason"]
+    await asyncio.sleep(0.1)
+    assert runs(runs_log) == 0
+
+
+@pytest.mark.gen_test
+async def test_bad_signatures_run_nothing(client, services, runs_log):
+    payload = json.dumps(SUCCESS).encode()
+    cases = [
+        ({}, 400),
+        ({"X-Hub-Signature-256": "sha1=" + "0" * 40}, 400),
+        ({"X-Hub-Signature-256": "sha256=" + "0" * 63}, 400),
+        ({"X-Hub-Signature-256": "sha256=" + "z" * 64}, 400),
+        (signed(payload, "wrong-secret"), 403),
+        (signed(payload + b" "), 403),
+    ]
+    for headers, status in cases:
+        answer = await client.fetch("/github-webhook", "POST", payload, headers=headers)
+        assert answer.code == status, (headers, answer.body)
+        assert body_json(answer)["error"]
+    not_json = b"action=completed"
+    assert (await client.fetch("/github-webhook", "POST", not_json, headers=signed(not_json))).code == 400
+    await asyncio.sleep(0.1)
+    assert runs(runs_log) == 0
+
+
+@pytest.mark.gen_test
+async def test_no_secret_configured_is_503(client, services, runs_log):
+    services.settings = dataclasses.replace(services.settings, github_webhook_secret="")
+    payload = json.dumps(SUCCESS).encode()
+    answer = await client.fetch("/github-webhook", "POST", payload, headers=signed(payload))
+    assert answer.code == 503
+    assert runs(runs_log) == 0
+
+
+@pytest.mark.gen_test
+async def test_a_missing_deploy_command_is_logged_not_fatal(client, services):
+    services.deployer = Deployer("/nonexistent/deploy.sh")
+    payload = json.dumps(SUCCESS).encode()
+    assert (await client.fetch("/github-webhook", "POST", payload, headers=signed(payload))).code == 200
+    await services.deployer.wait_idle()
+    assert services.deployer.last_exit_code == -1
+    assert (await client.fetch("/healthz")).code == 200

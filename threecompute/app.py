@@ -1,0 +1,60 @@
+"""make_app: the one table of routes, wired to the services it is given."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from .handlers import auth, files, ops, terminal, webhook
+from .handlers.base import BaseHandler, HTTPError
+from .services import Services
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # non-streamed bodies; uploads raise their own limit
+
+
+class IndexHandler(BaseHandler):
+    def get(self) -> None:
+        self.answer({"service": "3compute", "status": "/healthz"})
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise HTTPError(404, "not found")
+
+
+AUTH_ROUTES = [
+    ("login", auth.LoginHandler),
+    ("callback", auth.CallbackHandler),
+    ("logout", auth.LogoutHandler),
+    ("me", auth.MeHandler),
+    ("users", auth.UsersHandler),
+    ("tabs", auth.TabsHandler),
+    ("dev-login", auth.DevLoginHandler),
+]
+
+
+def make_app(services: Services) -> tornado.web.Application:
+    routes: list[tuple[str, type[tornado.web.RequestHandler]]] = [(r"/", IndexHandler)]
+    for name, handler in AUTH_ROUTES:
+        # The existing frontend calls the short forms; the seed documents /auth/...
+        routes += [(rf"/auth/{name}", handler), (rf"/{name}", handler)]
+    routes += [
+        (r"/list-files", files.ListFilesHandler),
+        (r"/upload", files.UploadHandler),
+        (r"/upload-folder", files.UploadFolderHandler),
+        (r"/move", files.MoveHandler),
+        (r"/file/(.*)", files.FileHandler),
+        (r"/terminal/ws", terminal.TerminalSocket),
+        (r"/terminal/close-tab", terminal.CloseTabHandler),
+        (r"/github-webhook", webhook.GithubWebhookHandler),
+        (r"/healthz", ops.HealthHandler),
+        (r"/metrics", ops.MetricsHandler),
+    ]
+    return tornado.web.Application(
+        [(pattern, handler, {"services": services}) for pattern, handler in routes],
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"services": services},
+        websocket_max_message_size=terminal.MAX_FRAME_BYTES,
+        websocket_ping_interval=terminal.PING_INTERVAL_SECONDS,
+        websocket_ping_timeout=terminal.PING_TIMEOUT_SECONDS,
+        debug=False,
+    )

@@ -1,0 +1,163 @@
+"""What every HTTP handler shares: JSON errors, CORS, the Origin rule and the session cookie.
+
+Handlers stay thin: they parse, ask a service, and answer. Any exception becomes a JSON
+`{"error": ...}` with a status; a traceback never reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import tornado.web
+from tornado.ioloop import IOLoop
+
+from ..containers.backend import BackendError
+from ..identity import COOKIE_NAME, Identity
+from ..services import Services
+from ..store import StoreError
+from ..workspace import WorkspaceError
+
+log = logging.getLogger("threecompute.http")
+T = TypeVar("T")
+MAX_JSON_BYTES = 64 * 1024
+UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+
+
+class HTTPError(tornado.web.HTTPError):
+    """An error whose message is meant for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, reason=None, log_message=message)
+        self.message = message
+
+
+def origin_allowed(origin: str, frontend_origin: str, request_host: str) -> bool:
+    """The frontend, or this server itself; `null` and everything else is foreign."""
+    if origin == frontend_origin:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc == request_host
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    services: Services
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+        services = getattr(self, "services", None)  # tornado calls this before initialize()
+        if services is not None:
+            self.set_cors_headers(services.settings.frontend_origin)
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self.set_cors_headers(services.settings.frontend_origin)
+
+    def set_cors_headers(self, frontend: str) -> None:
+        if self.request.headers.get("Origin") == frontend:
+            self.set_header("Access-Control-Allow-Origin", frontend)
+            self.set_header("Access-Control-Allow-Credentials", "true")
+        self.set_header("Vary", "Origin")
+
+    def prepare(self) -> None:
+        self.check_origin_for_unsafe_method()
+
+    def check_origin_for_unsafe_method(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if (
+            self.request.method in UNSAFE_METHODS
+            and origin is not None
+            and not origin_allowed(origin, self.services.settings.frontend_origin, self.request.host)
+        ):
+            raise HTTPError(403, "cross-origin request refused")
+
+    def options(self, *args: Any) -> None:
+        """CORS preflight: only the frontend origin gets an answer that allows anything."""
+        if self.request.headers.get("Origin") == self.services.settings.frontend_origin:
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", "Content-Type")
+            self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+
+    # -- identity -------------------------------------------------------------------------
+
+    def get_current_user(self) -> Identity | None:
+        return current_identity(self, self.services)
+
+    def require_identity(self) -> Identity:
+        identity = self.current_user
+        if identity is None:
+            raise HTTPError(401, "unauthenticated")
+        return identity
+
+    # -- bodies and answers ---------------------------------------------------------------
+
+    def json_body(self) -> dict:
+        if len(self.request.body) > MAX_JSON_BYTES:
+            raise HTTPError(413, f"body larger than {MAX_JSON_BYTES} bytes")
+        try:
+            body = json.loads(self.request.body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "body must be a JSON object")
+        return body
+
+    def answer(self, payload: dict | list, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(payload))
+
+    async def in_executor(self, fn: Callable[..., T], *args: Any) -> T:
+        return await IOLoop.current().run_in_executor(self.services.file_executor, fn, *args)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.clear_header("Content-Disposition")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"error": error_message(status_code, kwargs.get("exc_info"))}))
+
+    def log_exception(self, typ, value, tb) -> None:  # noqa: ANN001 - tornado's signature
+        if isinstance(value, tornado.web.HTTPError | WorkspaceError | BackendError | StoreError):
+            return
+        super().log_exception(typ, value, tb)
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        # Map service errors onto statuses here, once, instead of in every handler.
+        if isinstance(e, WorkspaceError):
+            e = HTTPError(e.status, e.message)
+        elif isinstance(e, BackendError):
+            e = HTTPError(503, str(e))
+        elif isinstance(e, StoreError):
+            log.error("store failure: %s", e)
+            e = HTTPError(503, "the server's database is unavailable")
+        super()._handle_request_exception(e)
+
+
+def error_message(status_code: int, exc_info: Any) -> str:
+    if exc_info:
+        exc = exc_info[1]
+        if isinstance(exc, HTTPError):
+            return exc.message
+        if isinstance(exc, tornado.web.MissingArgumentError):
+            return f"missing argument {exc.arg_name}"
+    if status_code == 401:
+        return "unauthenticated"
+    if status_code == 404:
+        return "not found"
+    if status_code == 405:
+        return "method not allowed"
+    if status_code >= 500:
+        return "internal server error"
+    return "bad request"
+
+
+def current_identity(handler: tornado.web.RequestHandler, services: Services) -> Identity | None:
+    """The identity in the session cookie, if valid and not revoked (shared with WebSockets)."""
+    identity = services.tokens.decode(handler.get_cookie(COOKIE_NAME))
+    if identity is None or services.store.is_revoked(identity.jti):
+        return None
+    return identity

@@ -1,0 +1,194 @@
+"""The file API: list, upload, move, and read/write/create/delete one path.
+
+All path handling lives in the workspace layer; these handlers only parse requests, run the
+workspace call in the file executor, and answer. Bodies that can be large (uploads, PUT)
+are streamed: each chunk is written to a temporary file as it arrives, and Tornado reads
+the next chunk only once that write is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tornado.web
+from tornado.ioloop import IOLoop
+
+from ..containers.backend import BackendError, UserRef
+from ..multipart import MultipartError, MultipartParser
+from ..uploads import UploadBatch
+from ..workspace import AtomicWriter, Workspace, WorkspaceError
+from .base import BaseHandler, HTTPError
+
+log = logging.getLogger("threecompute.files")
+MAX_UPLOAD_BYTES = 10 * 1024**3
+READ_CHUNK_BYTES = 256 * 1024
+
+
+class WorkspaceHandler(BaseHandler):
+    async def workspace(self) -> Workspace:
+        identity = self.require_identity()
+        return await self.in_executor(self.services.workspaces.for_user, identity.user_id)
+
+
+class ListFilesHandler(WorkspaceHandler):
+    async def get(self) -> None:
+        workspace = await self.workspace()
+        self.answer({"files": await self.in_executor(workspace.list_files)})
+
+
+class MoveHandler(WorkspaceHandler):
+    async def post(self) -> None:
+        workspace = await self.workspace()
+        body = self.json_body()
+        source, destination, overwrite = body.get("source"), body.get("destination"), body.get("overwrite", False)
+        if not isinstance(source, str) or not source or not isinstance(destination, str) or not destination:
+            raise HTTPError(400, "source and destination must be non-empty strings")
+        if not isinstance(overwrite, bool):
+            raise HTTPError(400, "overwrite must be true or false")
+        await self.in_executor(workspace.move, source, destination, overwrite)
+        self.answer({"success": True})
+
+
+@tornado.web.stream_request_body
+class UploadHandler(WorkspaceHandler):
+    """POST /upload (files at the root, by base name) and /upload-folder (relative paths)."""
+
+    keep_folders = False
+    batch: UploadBatch | None = None
+    failure: Exception | None = None
+
+    async def prepare(self) -> None:
+        super().prepare()
+        self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)
+        workspace = await self.workspace()
+        try:
+            boundary = MultipartParser.boundary_from_content_type(self.request.headers.get("Content-Type", ""))
+        except MultipartError as exc:
+            raise HTTPError(400, f"expected multipart/form-data: {exc}") from None
+        self.batch = UploadBatch(workspace, boundary, self.keep_folders)
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.failure is not None:
+            return  # read and drop the rest, so the client gets the error instead of a reset
+        try:
+            await self.in_executor(self.batch.feed, chunk)
+        except (MultipartError, WorkspaceError) as exc:
+            self.failure = exc
+            await self.in_executor(self.batch.abort)
+
+    async def post(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            count = await self.in_executor(self.batch.finish)
+        except MultipartError as exc:
+            await self.in_executor(self.batch.abort)
+            raise HTTPError(400, f"malformed upload: {exc}") from None
+        except WorkspaceError:
+            await self.in_executor(self.batch.abort)
+            raise
+        await self.after_upload()
+        self.answer({"success": True, "files": count})
+
+    async def after_upload(self) -> None:
+        pass
+
+    def on_connection_close(self) -> None:
+        if self.batch is not None and not self._finished:
+            self.services.file_executor.submit(self.batch.abort)
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, MultipartError):
+            e = HTTPError(400, f"malformed upload: {e}")
+        super()._handle_request_exception(e)
+
+
+class UploadFolderHandler(UploadHandler):
+    keep_folders = True
+
+    async def after_upload(self) -> None:
+        folder = self.batch.field("move-into")
+        user = await self.services.store.get_user(self.require_identity().user_id)
+        if folder and user is not None:
+            # The answer need not wait for the terminals; a failure is only logged.
+            IOLoop.current().spawn_callback(self._cd_all_tabs, self.services.user_ref(user), folder)
+
+    async def _cd_all_tabs(self, user: UserRef, folder: str) -> None:
+        try:
+            await self.services.backend.cd_all_tabs(user, folder.strip("/"))
+        except BackendError as exc:
+            log.warning("move-into %r for %s failed: %s", folder, user.user_id, exc)
+
+
+@tornado.web.stream_request_body
+class FileHandler(WorkspaceHandler):
+    """GET, PUT (streamed, atomic), POST (create) and DELETE on one workspace path."""
+
+    writer: AtomicWriter | None = None
+
+    async def prepare(self) -> None:
+        super().prepare()
+        if self.request.method == "PUT":
+            self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)
+            workspace = await self.workspace()
+            self.writer = await self.in_executor(workspace.open_writer, self.path_argument())
+
+    def path_argument(self) -> str:
+        path = self.path_args[0] if self.path_args else ""
+        if not path:
+            raise HTTPError(400, "a file path is required")
+        return path
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.writer is not None:
+            await self.in_executor(self.writer.write, chunk)
+
+    async def get(self, path: str) -> None:
+        workspace = await self.workspace()
+        info = await self.in_executor(workspace.read, self.path_argument())
+        self.set_header("Content-Type", info.media_type)
+        self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+        if info.as_attachment:
+            self.set_header("Content-Disposition", "attachment")
+        self.set_header("Content-Length", str(info.size))
+        with open(info.path, "rb") as file:
+            while chunk := await self.in_executor(file.read, READ_CHUNK_BYTES):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+    async def put(self, path: str) -> None:
+        await self.in_executor(self.writer.commit)
+        self.writer = None
+        self.answer({"success": True})
+
+    async def post(self, path: str) -> None:
+        workspace = await self.workspace()
+        await self.in_executor(workspace.create, self.path_argument())
+        self.answer({"success": True})
+
+    async def delete(self, path: str) -> None:
+        workspace = await self.workspace()
+        await self.in_executor(workspace.delete, self.path_argument())
+        self.answer({"success": True})
+
+    def on_finish(self) -> None:
+        self._abort_writer()
+
+    def on_connection_close(self) -> None:
+        self._abort_writer()
+
+    def _abort_writer(self) -> None:
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            self.services.file_executor.submit(writer.abort)
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        self._abort_writer()
+        super()._handle_request_exception(e)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.clear_header("Content-Security-Policy")
+        self.clear_header("Content-Length")
+        super().write_error(status_code, **kwargs)

@@ -1,0 +1,166 @@
+"""The terminal WebSocket (`/terminal/ws?tabId=`) and `POST /terminal/close-tab`.
+
+The socket only translates JSON frames to and from the terminal hub: identity, Origin and
+tab id are checked before the upgrade; the container is made ready after it (so a slow or
+failing engine is reported in an `error` frame rather than a refused handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import tornado.websocket
+
+from ..containers.backend import TAB_ID, BackendError, UserRef
+from ..pty.hub import Terminal
+from ..services import Services
+from ..terminal_frames import FrameError, parse_frame
+from .base import BaseHandler, HTTPError, current_identity, origin_allowed
+
+log = logging.getLogger("threecompute.terminal")
+MAX_FRAME_BYTES = 1024 * 1024
+PING_INTERVAL_SECONDS = 20
+PING_TIMEOUT_SECONDS = 30
+MAX_PENDING_INPUT = 64  # frames typed before the terminal is attached
+GOING_AWAY = 1001
+TERMINAL_UNAVAILABLE = 1011
+
+
+def output_frame(text: str) -> str:
+    return json.dumps({"type": "pty-output", "data": {"output": text}}, ensure_ascii=False)
+
+
+def error_frame(message: str) -> str:
+    return json.dumps({"type": "error", "data": {"message": message}})
+
+
+class TerminalSocket(tornado.websocket.WebSocketHandler):
+    services: Services
+    user: UserRef
+    tab_id: str
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self.terminal: Terminal | None = None
+        self.attaching: asyncio.Task | None = None
+        self.pending_input: list[dict] = []
+
+    async def prepare(self) -> None:
+        identity = current_identity(self, self.services)
+        if identity is None:
+            raise HTTPError(401, "unauthenticated")
+        self.tab_id = self.get_query_argument("tabId", "1")
+        if not TAB_ID.match(self.tab_id):
+            raise HTTPError(400, "tabId must be 1-32 letters or digits")
+        record = await self.services.store.get_user(identity.user_id)
+        if record is None:
+            raise HTTPError(401, "unauthenticated")
+        await asyncio.get_running_loop().run_in_executor(
+            self.services.file_executor, self.services.workspaces.for_user, record.id)
+        self.user = self.services.user_ref(record)
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(origin, self.services.settings.frontend_origin, self.request.host)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # A refused upgrade: answer like every other endpoint, in JSON.
+        BaseHandler.write_error(self, status_code, **kwargs)  # type: ignore[arg-type]
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.set_nodelay(True)  # so a 1009 close frame is not lost in the reset that follows it
+        self.services.open_sockets.add(self)
+        self.attaching = asyncio.ensure_future(self.attach())
+
+    async def attach(self) -> None:
+        try:
+            self.terminal = await self.services.hub.open(
+                self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit)
+        except BackendError as exc:
+            self.send_error(str(exc))
+            self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
+            return
+        except Exception:
+            log.exception("attaching tab %s of %s failed", self.tab_id, self.user.user_id)
+            self.send_error("the terminal could not be started")
+            self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
+            return
+        if self.ws_connection is None:  # the client left while the container was being made
+            await self.services.hub.close(self.terminal)
+            return
+        for frame in self.pending_input:
+            self.apply(frame)
+        self.pending_input.clear()
+
+    def on_close(self) -> None:
+        self.services.open_sockets.discard(self)
+        asyncio.ensure_future(self.release())
+
+    async def release(self) -> None:
+        if self.attaching is not None:
+            await asyncio.wait([self.attaching])
+        if self.terminal is not None:
+            await self.services.hub.close(self.terminal)
+
+    def on_terminal_exit(self) -> None:
+        """The shell ended (the user typed `exit`): the tab is over."""
+        self.close(1000, "terminal exited")
+
+    # -- frames --------------------------------------------------------------------------
+
+    def on_message(self, message: str | bytes) -> None:
+        try:
+            frame = parse_frame(message)
+        except FrameError as exc:
+            self.send_error(str(exc))
+            return
+        if self.terminal is None:
+            if len(self.pending_input) >= MAX_PENDING_INPUT:
+                self.send_error("the terminal is still starting; input dropped")
+                return
+            self.pending_input.append(frame)
+            return
+        self.apply(frame)
+
+    def apply(self, frame: dict) -> None:
+        if frame["type"] == "pty-input":
+            self.terminal.write(frame["input"])
+        else:
+            self.terminal.resize(frame["rows"], frame["cols"])
+
+    def send_output(self, text: str) -> Awaitable[None] | None:
+        try:
+            return self.write_message(output_frame(text))
+        except tornado.websocket.WebSocketClosedError:
+            return None
+
+    def send_error(self, message: str) -> None:
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            self.write_message(error_frame(message))
+
+
+class CloseTabHandler(BaseHandler):
+    async def post(self) -> None:
+        identity = self.require_identity()
+        tab_id = self.json_body().get("tabId")
+        if not isinstance(tab_id, str) or not TAB_ID.match(tab_id):
+            raise HTTPError(400, "tabId must be 1-32 letters or digits")
+        record = await self.services.store.get_user(identity.user_id)
+        if record is None:
+            raise HTTPError(401, "unauthenticated")
+        await self.services.backend.close_tab(self.services.user_ref(record), tab_id)
+        self.answer({"success": True})
+
+
+async def close_all_sockets(services: Services) -> None:
+    """Graceful shutdown: every socket gets 1001, then every PTY child is ended."""
+    for socket in list(services.open_sockets):
+        socket.close(GOING_AWAY, "server shutting down")
+    await services.hub.close_all()
+

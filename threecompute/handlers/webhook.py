@@ -1,0 +1,60 @@
+"""POST /github-webhook: a signed `workflow_run` event on main starts the deploy command."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+
+from .base import BaseHandler, HTTPError
+
+log = logging.getLogger("threecompute.webhook")
+SIGNATURE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
+MAX_WEBHOOK_BYTES = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
+
+
+class GithubWebhookHandler(BaseHandler):
+    def check_origin_for_unsafe_method(self) -> None:
+        """GitHub sends no Origin; the signature is what authenticates this endpoint."""
+
+    def post(self) -> None:
+        secret = self.services.settings.github_webhook_secret
+        if not secret:
+            raise HTTPError(503, "webhook secret is not configured")
+        match = SIGNATURE.match(self.request.headers.get("X-Hub-Signature-256", ""))
+        if match is None:
+            raise HTTPError(400, "X-Hub-Signature-256 must be sha256= and 64 hex digits")
+        expected = hmac.new(secret.encode(), self.request.body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, match.group(1).lower()):
+            raise HTTPError(403, "signature does not match")
+        try:
+            event = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "body is not valid JSON") from None
+        reason = skip_reason(event)
+        if reason:
+            log.info("webhook ignored: %s", reason)
+            self.set_header("X-Reason", reason)
+            self.set_status(204)
+            self.finish()
+            return
+        started = self.services.deployer.trigger()
+        self.answer({"status": "started" if started else "queued"}, 200 if started else 202)
+
+
+def skip_reason(event: object) -> str | None:
+    if not isinstance(event, dict):
+        return "payload is not a JSON object"
+    run = event.get("workflow_run")
+    run = run if isinstance(run, dict) else {}
+    if event.get("action") != "completed":
+        return f"action is {event.get('action')!r}, not 'completed'"
+    conclusion = run.get("conclusion", event.get("conclusion"))
+    if conclusion != "success":
+        return f"conclusion is {conclusion!r}, not 'success'"
+    branch = run.get("head_branch", event.get("head_branch"))
+    if branch != "main":
+        return f"head_branch is {branch!r}, not 'main'"
+    return None

@@ -1,0 +1,57 @@
+"""The services one server runs with, built once from the settings and handed to the
+handlers through `make_app` (never module globals, so a test can build its own)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .containers import make_backend
+from .containers.backend import ContainerBackend, UserRef
+from .deploy import Deployer
+from .identity import OAuthClient, TokenCodec
+from .pty.hub import TerminalHub
+from .settings import Settings
+from .store import Store, User
+from .workspace import Workspaces
+
+CONTAINER_OWNER = (999, 995)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    tokens: TokenCodec
+    oauth: OAuthClient
+    workspaces: Workspaces
+    backend: ContainerBackend
+    hub: TerminalHub
+    deployer: Deployer
+    file_executor: ThreadPoolExecutor
+    open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
+
+    def user_ref(self, user: User) -> UserRef:
+        return UserRef(user_id=user.id, port_start=user.port_start,
+                       workspace=self.settings.workspaces_dir / user.id)
+
+    def close(self) -> None:
+        self.file_executor.shutdown(wait=True)
+        self.store.close()
+
+
+def build_services(settings: Settings, backend: ContainerBackend | None = None) -> Services:
+    settings.workspaces_dir.mkdir(parents=True, exist_ok=True)
+    backend = backend or make_backend(settings)
+    return Services(
+        settings=settings,
+        store=Store(settings.db_path, settings.port_base),
+        tokens=TokenCodec(settings.secret, settings.session_days * 86400),
+        oauth=OAuthClient(settings),
+        workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),
+        backend=backend,
+        hub=TerminalHub(backend),
+        deployer=Deployer(settings.deploy_command),
+        file_executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="files"),
+    )

@@ -1,0 +1,87 @@
+"""One multipart upload request as a batch: every file lands, or none does.
+
+The parser streams each file part into its own temporary file as the bytes arrive; the
+batch holds back the renames until the whole body has been read and parsed, so a request
+that fails half-way (a bad name in the tenth file, a client that hangs up) changes nothing.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from .multipart import MultipartParser
+from .workspace import AtomicWriter, Workspace, WorkspaceError
+
+FILE_FIELD = "files"
+
+
+class _Discard:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class _HeldWriter:
+    """Writes through at once; `commit` only marks the file ready for the batch."""
+
+    def __init__(self, writer: AtomicWriter) -> None:
+        self.writer = writer
+        self.ready = False
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def commit(self) -> None:
+        self.ready = True
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class UploadBatch:
+    def __init__(self, workspace: Workspace, boundary: bytes, keep_folders: bool) -> None:
+        self.workspace = workspace
+        self.keep_folders = keep_folders
+        self.parser = MultipartParser(boundary, self._open_file)
+        self._held: list[_HeldWriter] = []
+
+    def _open_file(self, field: str, filename: str) -> _HeldWriter | _Discard:
+        if field != FILE_FIELD:
+            return _Discard()
+        name = filename if self.keep_folders else base_name(filename)
+        if not name:
+            raise WorkspaceError(400, "an uploaded file has no name")
+        held = _HeldWriter(self.workspace.open_writer(name, make_parents=self.keep_folders))
+        self._held.append(held)
+        return held
+
+    def feed(self, chunk: bytes) -> None:
+        self.parser.feed(chunk)
+
+    def finish(self) -> int:
+        """Parse the end of the body and put every file in place; returns how many."""
+        self.parser.finish()
+        if not self._held:
+            raise WorkspaceError(400, f"no files in the '{FILE_FIELD}' field")
+        for held in self._held:
+            held.writer.commit()
+        return len(self._held)
+
+    def abort(self) -> None:
+        self.parser.abort()
+        for held in self._held:
+            held.abort()
+
+    def field(self, name: str) -> str | None:
+        values = self.parser.fields.get(name)
+        return values[-1] if values else None
+
+
+def base_name(filename: str) -> str:
+    """The last part of a browser-sent filename (some send `C:\\fakepath\\x.txt`)."""
+    return posixpath.basename(filename.replace("\\", "/"))
