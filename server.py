@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -50,6 +51,13 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
     services.close()
 
 
+def raise_open_file_limit() -> None:
+    """Each terminal holds a PTY and each file in an upload two descriptors: allow the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_file_limit()
     if settings.secret_generated:
         log.warning("FLASK_SECRET is not set: using a random one for this run (--dev); sessions end with it")
     try:

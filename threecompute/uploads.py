@@ -13,6 +13,7 @@ from .multipart import MultipartParser
 from .workspace import AtomicWriter, Workspace, WorkspaceError
 
 FILE_FIELD = "files"
+MAX_FILES = 5000  # each held file costs two descriptors until the batch lands
 
 
 class _Discard:
@@ -53,6 +54,8 @@ class UploadBatch:
     def _open_file(self, field: str, filename: str) -> _HeldWriter | _Discard:
         if field != FILE_FIELD:
             return _Discard()
+        if len(self._held) >= MAX_FILES:
+            raise WorkspaceError(400, f"at most {MAX_FILES} files per upload")
         name = filename if self.keep_folders else base_name(filename)
         if not name:
             raise WorkspaceError(400, "an uploaded file has no name")

@@ -152,7 +152,7 @@ class FileHandler(WorkspaceHandler):
         if info.as_attachment:
             self.set_header("Content-Disposition", "attachment")
         self.set_header("Content-Length", str(info.size))
-        with open(info.path, "rb") as file:
+        with await self.in_executor(info.open) as file:
             while chunk := await self.in_executor(file.read, READ_CHUNK_BYTES):
                 self.write(chunk)
                 await self.flush()

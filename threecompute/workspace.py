@@ -1,0 +1,572 @@
+"""Every file operation on one user's workspace, each path resolved safely in one place.
+
+A workspace is the folder `DATA_DIR/workspaces/<user id>/`, mounted at `/app` in the user's
+container. The user controls its contents from a terminal, symlinks included (to `/etc`, to
+other users' workspaces, to `..`), and can change them while a request is being served. So
+no operation here trusts a path string: each one walks the path a component at a time from
+an open descriptor of the root, checks after every step that the folder it reached is still
+inside the root (by asking the kernel where the descriptor really is), and then acts on the
+final name relative to that descriptor, never following a link it has not checked. A link
+swapped in half-way through a request can therefore not redirect it outside.
+
+Nothing here knows HTTP: failures are `WorkspaceError(status, message)` with a status of 400,
+404 or 409, which the handlers turn into JSON errors. Calls are synchronous and thread-safe;
+the handlers run them in an executor.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import mimetypes
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+FILE_MODE = 0o664
+FOLDER_MODE = 0o775
+TEXT_TYPE = "text/plain; charset=utf-8"
+SNIFF_BYTES = 64 * 1024
+OUTSIDE = "path leads outside the workspace"
+# Raster images are the only types a browser may render inline from the API's origin
+# without any risk of script; SVG can carry script, so it is served as text.
+IMAGE_TYPES = frozenset({
+    "image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/x-ms-bmp",
+    "image/x-icon", "image/vnd.microsoft.icon",
+})
+_TEMP_NAME = re.compile(r"^\.3compute-[0-9a-f]{16}\.tmp$")
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_ERRNO_ANSWERS = {
+    errno.ENOENT: (404, "no such file or folder"),
+    errno.ENOTDIR: (404, "no such file or folder"),
+    errno.EISDIR: (400, "that is a folder"),
+    errno.EEXIST: (409, "already exists"),
+    errno.ENOTEMPTY: (409, "already exists"),
+    errno.ELOOP: (400, "too many levels of symbolic links"),
+    errno.ENAMETOOLONG: (400, "name too long"),
+    errno.EINVAL: (400, "invalid path"),
+    errno.EACCES: (400, "permission denied"),
+    errno.EPERM: (400, "permission denied"),
+}
+
+Owner = tuple[int, int]
+
+
+class WorkspaceError(Exception):
+    """A request the workspace refuses; `status` is 400, 404 or 409."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@contextmanager
+def _os_errors() -> Iterator[None]:
+    """Turn the OS errors a user's request can cause into WorkspaceErrors; others propagate."""
+    try:
+        yield
+    except OSError as exc:
+        answer = _ERRNO_ANSWERS.get(exc.errno or 0)
+        if answer is None:
+            raise
+        raise WorkspaceError(*answer) from exc
+
+
+def _fd_path(fd: int) -> str:
+    """Where the kernel says `fd` is now, links resolved: the check no string trick can fool."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _reopen_for_reading(path_fd: int) -> BinaryIO:
+    # Reopening an O_PATH descriptor through /proc opens exactly the file it names, so the
+    # file checked is the file read, and no device is ever opened before it is checked.
+    return open(f"/proc/self/fd/{path_fd}", "rb")
+
+
+def _apply_ownership(fd: int, mode: int, owner: Owner | None) -> None:
+    if owner is not None:
+        os.fchown(fd, *owner)
+    os.fchmod(fd, mode)
+
+
+def _split_path(rel: str) -> list[str]:
+    """The components of a workspace-relative path; a leading `/` means the root."""
+    if "\x00" in rel or "\\" in rel:
+        raise WorkspaceError(400, "path contains a NUL byte or a backslash")
+    parts = [part for part in rel.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise WorkspaceError(400, "path contains '..'")
+    return parts
+
+
+def _media_type(name: str, head: bytes, complete: bool) -> tuple[str, bool]:
+    """(media type, serve as attachment) for a file called `name` that starts with `head`.
+
+    `complete` says `head` is the whole file, so a multi-byte character cut at its end is
+    an error rather than the start of the next chunk.
+    """
+    guessed = mimetypes.guess_type(name)[0]
+    if guessed in IMAGE_TYPES:
+        return guessed, False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=complete)
+        return TEXT_TYPE, False
+    except UnicodeDecodeError:
+        pass
+    if guessed is None:
+        return "application/octet-stream", True
+    return guessed, not _is_inert(guessed)
+
+
+def _is_inert(media: str) -> bool:
+    """Whether a browser shows this type without running anything from the API's origin."""
+    if media == "image/svg+xml":
+        return False
+    return media.startswith(("image/", "audio/", "video/")) or media in ("application/pdf", "text/plain")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: Path  # the file's real path, inside the workspace when `read` checked it
+    size: int
+    media_type: str
+    as_attachment: bool
+
+    @_os_errors()
+    def open(self) -> BinaryIO:
+        """Open the checked file for reading, refusing if a link was swapped in since."""
+        fd = os.open(self.path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            if _fd_path(fd) != str(self.path) or not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise WorkspaceError(404, "the file changed while being read")
+            return _reopen_for_reading(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What a name in a folder is. For a link: what it leads to, known to be inside."""
+
+    is_link: bool
+    is_dir: bool
+    mode: int
+    target: str | None  # a link's resolved real path
+
+    @property
+    def is_folder(self) -> bool:
+        """A real folder, not a link to one: removing it means removing a tree."""
+        return self.is_dir and not self.is_link
+
+
+class AtomicWriter:
+    """A new version of one file, invisible until `commit` swaps it in whole.
+
+    The bytes go to a temporary file in the same folder (owned and moded like the final
+    file from the start); `commit` fsyncs it and renames it over the old one, so a reader
+    sees the old content or the new, never a mix. Used as a context manager it aborts
+    unless committed.
+    """
+
+    def __init__(self, folder_fd: int, name: str, mode: int, owner: Owner | None,
+                 on_commit: Callable[[], None]) -> None:
+        self._folder = os.dup(folder_fd)
+        self._name = name
+        self._temp = f".3compute-{secrets.token_hex(8)}.tmp"
+        self._on_commit = on_commit
+        self._done = False
+        try:
+            fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=self._folder)
+        except BaseException:
+            os.close(self._folder)
+            raise
+        self._file = os.fdopen(fd, "wb")
+        try:
+            _apply_ownership(fd, mode, owner)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    @_os_errors()
+    def commit(self) -> None:
+        if self._done:
+            raise ValueError("writer already finished")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._temp, self._name, src_dir_fd=self._folder, dst_dir_fd=self._folder)
+            os.fsync(self._folder)  # makes the rename itself survive a crash
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        os.close(self._folder)
+        self._on_commit()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._file.close()
+        try:
+            os.unlink(self._temp, dir_fd=self._folder)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self._folder)
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()
+
+
+class _ListCache:
+    """The last listing of a workspace, fresh for `ttl` seconds or until a change."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        # One listing at a time per workspace: the polls that queue behind it get its result.
+        self._scan_lock = threading.Lock()
+        self._value: list[str] | None = None
+        self._taken = 0.0
+        self._generation = 0
+
+    def get(self, scan: Callable[[], list[str]]) -> list[str]:
+        with self._scan_lock:
+            with self._lock:
+                if self._value is not None and time.monotonic() - self._taken < self._ttl:
+                    return self._value
+                generation = self._generation
+            value = scan()
+            with self._lock:
+                # A change made during the scan may be missing from it: don't keep it.
+                if generation == self._generation:
+                    self._value, self._taken = value, time.monotonic()
+            return value
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._value = None
+
+
+class Workspace:
+    """One user's workspace; get it from `Workspaces.for_user`."""
+
+    def __init__(self, root: Path, owner: Owner | None, list_ttl: float) -> None:
+        self.root = root
+        self._root_real = os.path.realpath(root)
+        self._owner = owner
+        self._listing = _ListCache(list_ttl)
+
+    # --- the operations ---
+
+    def list_files(self) -> list[str]:
+        """Every entry, relative and sorted, folders ending in `/`; links are not descended.
+
+        The list is shared with other callers until the cache expires: don't modify it.
+        """
+        return self._listing.get(self._scan)
+
+    @_os_errors()
+    def read(self, rel: str) -> FileInfo:
+        with self._parent_of(_split_path(rel)) as (parent, name):
+            fd = self._open_target(parent, name)
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise WorkspaceError(404, "not a file")
+            real = _fd_path(fd)
+            with _reopen_for_reading(fd) as file:
+                head = file.read(SNIFF_BYTES)
+        finally:
+            os.close(fd)
+        media, attachment = _media_type(real, head, complete=len(head) < SNIFF_BYTES)
+        return FileInfo(Path(real), status.st_size, media, attachment)
+
+    @_os_errors()
+    def open_writer(self, rel: str, make_parents: bool = False) -> AtomicWriter:
+        """A writer that replaces (or creates) the file; a link inside is written through."""
+        parts = _split_path(rel)
+        with self._parent_of(parts, create=make_parents) as (parent, name):
+            entry = self._probe(parent, name)
+            if entry is None or not entry.is_link or entry.is_dir:
+                return self._writer(parent, name, entry)
+        assert entry.target is not None
+        with self._parent_of(self._relative(entry.target)) as (parent, name):
+            entry = self._probe(parent, name)
+            if entry is not None and entry.is_link:
+                raise WorkspaceError(400, "a link changed while being written through")
+            return self._writer(parent, name, entry)
+
+    @_os_errors()
+    def create(self, rel: str) -> None:
+        """An empty file, or a folder when `rel` ends in `/`; missing parents are created."""
+        want_folder = rel.endswith("/")
+        with self._parent_of(_split_path(rel), create=True) as (parent, name):
+            entry = self._probe(parent, name)
+            if entry is not None:
+                if entry.is_dir == want_folder:
+                    raise WorkspaceError(400, "already exists")
+                raise WorkspaceError(409, f"a {'file' if want_folder else 'folder'} of that name exists")
+            if want_folder:
+                os.close(self._new_folder(parent, name))
+            else:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=parent)
+                try:
+                    _apply_ownership(fd, FILE_MODE, self._owner)
+                finally:
+                    os.close(fd)
+        self._listing.invalidate()
+
+    @_os_errors()
+    def delete(self, rel: str) -> None:
+        """A file, a link (never what it points to) or a whole folder tree."""
+        parts = _split_path(rel)
+        if not parts:
+            raise WorkspaceError(400, "cannot delete the workspace itself")
+        with self._parent_of(parts) as (parent, name):
+            entry = self._probe(parent, name)
+            if entry is None:
+                raise WorkspaceError(404, "no such file or folder")
+            self._remove(parent, name, entry)
+        self._listing.invalidate()
+
+    @_os_errors()
+    def move(self, source: str, destination: str, overwrite: bool = False) -> None:
+        src_parts, dst_parts = _split_path(source), _split_path(destination)
+        if not src_parts or not dst_parts:
+            raise WorkspaceError(400, "source and destination are required")
+        # Checked before any missing destination folder is created.
+        if dst_parts[: len(src_parts)] == src_parts:
+            raise WorkspaceError(400, "cannot move something into itself")
+        with self._parent_of(src_parts) as (src_parent, src_name):
+            src = self._probe(src_parent, src_name)
+            if src is None:
+                raise WorkspaceError(404, "source not found")
+            with self._parent_of(dst_parts, create=True) as (dst_parent, dst_name):
+                src_real = f"{_fd_path(src_parent)}/{src_name}"
+                dst_real = f"{_fd_path(dst_parent)}/{dst_name}"
+                # The same check on real paths, for a destination reached through a link.
+                if dst_real == src_real or dst_real.startswith(src_real + "/"):
+                    raise WorkspaceError(400, "cannot move something into itself")
+                dst = self._probe(dst_parent, dst_name)
+                if dst is not None:
+                    if not overwrite:
+                        raise WorkspaceError(409, "destination exists")
+                    # rename() replaces a file atomically, but not a folder nor by a folder.
+                    if src.is_folder or dst.is_folder:
+                        self._remove(dst_parent, dst_name, dst)
+                os.rename(src_name, dst_name, src_dir_fd=src_parent, dst_dir_fd=dst_parent)
+        self._listing.invalidate()
+
+    # --- path resolution ---
+
+    def _inside(self, real: str) -> bool:
+        return real == self._root_real or real.startswith(self._root_real + "/")
+
+    def _relative(self, real: str) -> list[str]:
+        return real[len(self._root_real) + 1:].split("/") if real != self._root_real else []
+
+    @contextmanager
+    def _parent_of(self, parts: list[str], create: bool = False) -> Iterator[tuple[int, str]]:
+        """(descriptor of the checked parent folder, final name); missing folders made on request."""
+        if not parts:
+            raise WorkspaceError(400, "a file path is required")
+        fd = self._open_folder(parts[:-1], create)
+        try:
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _open_folder(self, parts: list[str], create: bool) -> int:
+        fd = os.open(self._root_real, _FOLDER_FLAGS)
+        try:
+            for name in parts:
+                child = self._open_child_folder(fd, name, create)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_child_folder(self, parent: int, name: str, create: bool) -> int:
+        try:
+            fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise WorkspaceError(404, "folder not found") from None
+            fd = self._make_or_open_folder(parent, name)
+        except NotADirectoryError:
+            raise WorkspaceError(409 if create else 404, f"{name!r} is not a folder") from None
+        if not self._inside(_fd_path(fd)):
+            os.close(fd)
+            raise WorkspaceError(400, OUTSIDE)
+        return fd
+
+    def _make_or_open_folder(self, parent: int, name: str) -> int:
+        try:
+            return self._new_folder(parent, name)
+        except FileExistsError:
+            pass  # made meanwhile by a concurrent request, or a link that leads nowhere
+        try:
+            return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            raise WorkspaceError(400, OUTSIDE) from None
+
+    def _new_folder(self, parent: int, name: str) -> int:
+        os.mkdir(name, dir_fd=parent)
+        fd = os.open(name, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            _apply_ownership(fd, FOLDER_MODE, self._owner)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_target(self, parent: int, name: str) -> int:
+        """An O_PATH descriptor of what `name` leads to, links followed, checked to be inside."""
+        fd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=parent)
+        if not self._inside(_fd_path(fd)):
+            os.close(fd)
+            raise WorkspaceError(400, OUTSIDE)
+        return fd
+
+    def _probe(self, parent: int, name: str) -> _Entry | None:
+        """What `name` is, or None; a link that leads outside or nowhere is refused (400)."""
+        try:
+            status = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISLNK(status.st_mode):
+            return _Entry(False, stat.S_ISDIR(status.st_mode), stat.S_IMODE(status.st_mode), None)
+        try:
+            fd = self._open_target(parent, name)
+        except FileNotFoundError:
+            raise WorkspaceError(400, "link leads nowhere") from None
+        try:
+            target = os.fstat(fd)
+            return _Entry(True, stat.S_ISDIR(target.st_mode), stat.S_IMODE(target.st_mode), _fd_path(fd))
+        finally:
+            os.close(fd)
+
+    # --- helpers of the operations ---
+
+    def _writer(self, parent: int, name: str, entry: _Entry | None) -> AtomicWriter:
+        if entry is not None and entry.is_dir:
+            raise WorkspaceError(400, "that is a folder")
+        # Replacing a file keeps its permissions, so a script stays executable.
+        mode = entry.mode if entry is not None else FILE_MODE
+        return AtomicWriter(parent, name, mode, self._owner, self._listing.invalidate)
+
+    @staticmethod
+    def _remove(parent: int, name: str, entry: _Entry) -> None:
+        if entry.is_folder:
+            shutil.rmtree(name, dir_fd=parent)  # fd-based: never follows a link, even a swapped-in one
+        else:
+            os.unlink(name, dir_fd=parent)
+
+    def _scan(self) -> list[str]:
+        found: list[str] = []
+        pending = [""]
+        while pending:
+            folder = pending.pop()
+            fd = self._open_exact_folder(folder)
+            if fd is None:
+                continue
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        rel = folder + entry.name
+                        if entry.is_symlink():
+                            suffix = self._link_suffix(fd, entry.name)
+                            if suffix is not None:
+                                found.append(rel + suffix)
+                        elif entry.is_dir(follow_symlinks=False):
+                            found.append(rel + "/")
+                            pending.append(rel + "/")
+                        elif not _TEMP_NAME.match(entry.name):
+                            found.append(rel)
+            finally:
+                os.close(fd)
+        found.sort()
+        return found
+
+    def _open_exact_folder(self, folder: str) -> int | None:
+        """The folder at `folder`, or None if it went away or a link was swapped in for it."""
+        expected = os.path.join(self._root_real, folder).rstrip("/")
+        try:
+            fd = os.open(expected, _FOLDER_FLAGS)
+        except OSError:
+            return None
+        if _fd_path(fd) != expected:
+            os.close(fd)
+            return None
+        return fd
+
+    def _link_suffix(self, parent: int, name: str) -> str | None:
+        """The listing's suffix for a link: `/` to a folder inside, empty to a file inside,
+        None when it leads outside or nowhere (such links are not listed)."""
+        try:
+            fd = self._open_target(parent, name)
+        except (OSError, WorkspaceError):
+            return None
+        try:
+            return "/" if stat.S_ISDIR(os.fstat(fd).st_mode) else ""
+        finally:
+            os.close(fd)
+
+
+class Workspaces:
+    """Hands out each user's `Workspace`, creating its folder once, and keeps it (and its cache)."""
+
+    def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25) -> None:
+        self.base_dir = base_dir
+        self._owner = owner
+        self._list_ttl = list_ttl
+        self._lock = threading.Lock()
+        self._workspaces: dict[str, Workspace] = {}
+
+    def for_user(self, user_id: str) -> Workspace:
+        with self._lock:
+            workspace = self._workspaces.get(user_id)
+            if workspace is None:
+                workspace = Workspace(self._make_root(user_id), self._owner, self._list_ttl)
+                self._workspaces[user_id] = workspace
+            return workspace
+
+    def _make_root(self, user_id: str) -> Path:
+        if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:
+            raise WorkspaceError(400, f"bad user id: {user_id!r}")
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        root = self.base_dir / user_id
+        try:
+            root.mkdir()
+        except FileExistsError:
+            return root
+        fd = os.open(root, _FOLDER_FLAGS | os.O_NOFOLLOW)
+        try:
+            _apply_ownership(fd, FOLDER_MODE, self._owner)
+        finally:
+            os.close(fd)
+        return root
