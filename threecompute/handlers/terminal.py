@@ -83,12 +83,12 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
             self.terminal = await self.services.hub.open(
                 self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit)
         except BackendError as exc:
-            self.send_error(str(exc))
+            self.send_error_frame(str(exc))
             self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
             return
         except Exception:
             log.exception("attaching tab %s of %s failed", self.tab_id, self.user.user_id)
-            self.send_error("the terminal could not be started")
+            self.send_error_frame("the terminal could not be started")
             self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
             return
         if self.ws_connection is None:  # the client left while the container was being made
@@ -118,11 +118,11 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
         try:
             frame = parse_frame(message)
         except FrameError as exc:
-            self.send_error(str(exc))
+            self.send_error_frame(str(exc))
             return
         if self.terminal is None:
             if len(self.pending_input) >= MAX_PENDING_INPUT:
-                self.send_error("the terminal is still starting; input dropped")
+                self.send_error_frame("the terminal is still starting; input dropped")
                 return
             self.pending_input.append(frame)
             return
@@ -140,7 +140,7 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
         except tornado.websocket.WebSocketClosedError:
             return None
 
-    def send_error(self, message: str) -> None:
+    def send_error_frame(self, message: str) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
             self.write_message(error_frame(message))
 
