@@ -17,7 +17,7 @@ from typing import Any
 import tornado.websocket
 
 from ..containers.backend import TAB_ID, BackendError, UserRef
-from ..pty.hub import Terminal
+from ..pty import PtyInputOverflow, Terminal
 from ..services import Services
 from ..terminal_frames import FrameError, parse_frame
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
@@ -130,7 +130,10 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
 
     def apply(self, frame: dict) -> None:
         if frame["type"] == "pty-input":
-            self.terminal.write(frame["input"])
+            try:
+                self.terminal.write(frame["input"])
+            except PtyInputOverflow as exc:
+                self.send_error_frame(str(exc))
         else:
             self.terminal.resize(frame["rows"], frame["cols"])
 

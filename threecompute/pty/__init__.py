@@ -1,0 +1,6 @@
+"""Terminals: one PTY per attached client (`session`), and the hub that tracks them (`hub`)."""
+
+from .hub import Terminal, TerminalHub
+from .session import FlowLimits, PtyInputOverflow, PtySession, PtyStats
+
+__all__ = ["FlowLimits", "PtyInputOverflow", "PtySession", "PtyStats", "Terminal", "TerminalHub"]

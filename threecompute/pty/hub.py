@@ -1,0 +1,253 @@
+"""Every open terminal, per user and tab: the one door both transports go through.
+
+A transport (the WebSocket handler, the Socket.IO adapter) asks the hub to `open` a
+terminal for a user's tab and gets a `Terminal`: one attached client, that is one
+`PtySession` running the backend's attach command (one tmux client of the tab's session).
+Several sockets on one tab are several Terminals. The hub tells the backend when a user's
+first terminal opens and last one closes (the idle clock), and on close it asks the
+backend to `detach` the tmux client, because Docker does not end an exec's processes when
+the exec's client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..containers.backend import AttachCommand, BackendError, Box, ContainerBackend, UserRef
+from .session import PtySession, Send
+
+log = logging.getLogger(__name__)
+
+DETACH_TIMEOUT = 10.0
+# Server settings must not leak into users' shells (the local backend runs tmux with this
+# environment; `docker exec -e NAME` without a value would copy it into the container).
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def attach_env(command: AttachCommand) -> dict[str, str]:
+    """The environment an attach command runs with: the server's, minus secrets, plus the command's."""
+    env = {k: v for k, v in os.environ.items() if not _SECRET_NAME.search(k)}
+    env["TERM"] = "xterm-256color"  # the far end is xterm.js, whatever started the server
+    if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
+        env["LANG"] = "C.UTF-8"  # tmux draws non-ASCII as '_' unless the locale says UTF-8
+    env.update(command.env)
+    return env
+
+
+@dataclass(eq=False)
+class Terminal:
+    """One attached client of a tab: its PTY, who owns it and how to detach it."""
+
+    user: UserRef
+    tab_id: str
+    client_id: str
+    box: Box
+    session: PtySession
+    opened_at: float = field(default_factory=time.monotonic)
+    _closing: asyncio.Future | None = field(default=None, repr=False)
+
+    @property
+    def user_id(self) -> str:
+        return self.user.user_id
+
+    @property
+    def closed(self) -> bool:
+        """True once closing started (by the hub) or the program inside ended."""
+        return self._closing is not None or self.session.closed
+
+    def write(self, text: str) -> None:
+        """Keyboard input. Raises PtyInputOverflow if the program stopped reading."""
+        self.session.write(text)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.session.resize(rows, cols)
+
+
+class LatencyWindow:
+    """Recent samples of one latency, for last/avg/p50/p99 gauges."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.samples: deque[float] = deque(maxlen=size)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        self.count += 1
+        self.total += seconds
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        if not self.samples:
+            return {f"{prefix}_count": 0}
+        ordered = sorted(self.samples)
+        return {
+            f"{prefix}_count": self.count,
+            f"{prefix}_last_seconds": self.samples[-1],
+            f"{prefix}_avg_seconds": self.total / self.count,
+            f"{prefix}_p50_seconds": ordered[len(ordered) // 2],
+            f"{prefix}_p99_seconds": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        }
+
+
+class TerminalHub:
+    """All open terminals, by user; opens and closes them through the container backend."""
+
+    def __init__(self, backend: ContainerBackend) -> None:
+        self.backend = backend
+        self._by_user: dict[str, dict[str, Terminal]] = {}
+        self._shutting_down = False
+        self._background: set[asyncio.Future] = set()
+        self._attach = LatencyWindow()
+        self._first_output = LatencyWindow()
+        self._counters = dict.fromkeys(
+            ("terminals_opened_total", "terminals_closed_total", "terminals_exited_total",
+             "ensure_errors_total", "spawn_errors_total", "detach_errors_total"), 0)
+        self._closed_totals = {"pty_bytes_out_total": 0, "pty_frames_out_total": 0, "pty_pauses_total": 0}
+
+    async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
+                   on_exit: Callable[[], None]) -> Terminal:
+        """Attach a new client to the user's tab. Raises BackendError (nothing is registered then).
+
+        `send(text)` receives output; `on_exit()` is called once if the program inside ends
+        by itself (the hub then closes the terminal; closing it again is harmless).
+        """
+        self._refuse_if_shutting_down()
+        started = time.monotonic()
+        try:
+            box = await self.backend.ensure(user)
+        except Exception:
+            self._counters["ensure_errors_total"] += 1
+            raise
+        self._refuse_if_shutting_down()
+        client_id = secrets.token_hex(8)
+        command = self.backend.attach_command(box, tab_id, client_id)
+        terminal: Terminal | None = None
+
+        def exited() -> None:
+            if terminal is not None:
+                self._on_program_exit(terminal, on_exit)
+
+        try:
+            session = PtySession(command.argv, self._timing_first_output(send, started), on_exit=exited,
+                                 env=attach_env(command), cwd=command.cwd, rows=rows, cols=cols)
+        except OSError as exc:
+            self._counters["spawn_errors_total"] += 1
+            log.warning("could not start %s for user %s: %s", command.argv[:1], user.user_id, exc)
+            raise BackendError(f"could not start the terminal: {exc}") from exc
+        self._attach.add(time.monotonic() - started)
+        terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session)
+        self._register(terminal)
+        return terminal
+
+    async def close(self, terminal: Terminal) -> None:
+        """End the client: its PTY child, its in-container tmux client. Idempotent."""
+        if terminal._closing is None:
+            terminal._closing = asyncio.ensure_future(self._close(terminal))
+        # Shielded: a caller cancelled mid-way (a socket handler going away) must not leave
+        # the terminal half closed.
+        await asyncio.shield(terminal._closing)
+
+    def terminals_of(self, user_id: str) -> list[Terminal]:
+        return list(self._by_user.get(user_id, {}).values())
+
+    def terminals(self) -> list[Terminal]:
+        return [t for per_user in self._by_user.values() for t in per_user.values()]
+
+    async def close_all(self) -> None:
+        """Graceful shutdown: refuse new terminals and close every open one."""
+        self._shutting_down = True
+        await asyncio.gather(*(self.close(t) for t in self.terminals()))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def metrics(self) -> dict[str, float]:
+        live = self.terminals()
+        totals = dict(self._closed_totals)
+        for t in live:
+            totals["pty_bytes_out_total"] += t.session.stats.bytes_out
+            totals["pty_frames_out_total"] += t.session.stats.frames_out
+            totals["pty_pauses_total"] += t.session.stats.pauses
+        return {
+            "open_terminals": len(live),
+            "terminal_users": len(self._by_user),
+            "paused_terminals": sum(1 for t in live if t.session.paused),
+            **self._counters,
+            **totals,
+            **self._attach.summary("attach"),
+            **self._first_output.summary("first_output"),
+        }
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _refuse_if_shutting_down(self) -> None:
+        if self._shutting_down:
+            raise BackendError("the server is shutting down")
+
+    def _timing_first_output(self, send: Send, started: float) -> Send:
+        """Wrap `send` to record how long the user waited from connect to first output."""
+        seen = False
+
+        def timed(text: str) -> Awaitable[Any] | None:
+            nonlocal seen
+            if not seen:
+                seen = True
+                self._first_output.add(time.monotonic() - started)
+            return send(text)
+
+        return timed
+
+    def _register(self, terminal: Terminal) -> None:
+        per_user = self._by_user.setdefault(terminal.user_id, {})
+        per_user[terminal.client_id] = terminal
+        self._counters["terminals_opened_total"] += 1
+        if len(per_user) == 1:
+            self._notify(self.backend.terminal_opened, terminal.user)
+
+    def _unregister(self, terminal: Terminal) -> None:
+        per_user = self._by_user.get(terminal.user_id, {})
+        if per_user.pop(terminal.client_id, None) is None:
+            return
+        self._counters["terminals_closed_total"] += 1
+        stats = terminal.session.stats
+        self._closed_totals["pty_bytes_out_total"] += stats.bytes_out
+        self._closed_totals["pty_frames_out_total"] += stats.frames_out
+        self._closed_totals["pty_pauses_total"] += stats.pauses
+        if not per_user:
+            del self._by_user[terminal.user_id]
+            self._notify(self.backend.terminal_closed, terminal.user)
+
+    @staticmethod
+    def _notify(event: Callable[[UserRef], None], user: UserRef) -> None:
+        try:
+            event(user)
+        except Exception:  # the idle clock must not break terminals
+            log.exception("backend %s(%s) failed", event.__name__, user.user_id)
+
+    async def _close(self, terminal: Terminal) -> None:
+        terminal.session.close()
+        try:
+            await asyncio.wait_for(self.backend.detach(terminal.box, terminal.client_id), DETACH_TIMEOUT)
+        except Exception as exc:  # logged; the terminal closes regardless
+            self._counters["detach_errors_total"] += 1
+            log.warning("detach of %s (user %s) failed: %r", terminal.client_id, terminal.user_id, exc)
+        self._unregister(terminal)
+        await terminal.session.wait_closed()
+
+    def _on_program_exit(self, terminal: Terminal, on_exit: Callable[[], None]) -> None:
+        self._counters["terminals_exited_total"] += 1
+        try:
+            on_exit()
+        except Exception:
+            log.exception("on_exit of terminal %s failed", terminal.client_id)
+        task = asyncio.ensure_future(self.close(terminal))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
