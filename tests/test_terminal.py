@@ -180,7 +180,8 @@ async def wait_for(condition, timeout: float = 15) -> None:
 async def test_bad_frames_get_an_error_and_the_session_stays_up(client):
     term = await TerminalClient.open(await signed_in(client))
     await term.run("echo ready", "ready")
-    bad = ["{not json", "[1,2]", json.dumps({"type": "launch"}), json.dumps({"type": "pty-input", "data": {"input": 5}}),
+    bad = ["{not json", "[1,2]", json.dumps({"type": "launch"}),
+           json.dumps({"type": "pty-input", "data": {"input": 5}}),
            json.dumps({"type": "resize", "data": {"rows": 0, "cols": 80}}),
            json.dumps({"type": "resize", "data": {"rows": 24, "cols": 1001}}),
            json.dumps({"type": "resize", "data": {"rows": "24", "cols": 80}}),
@@ -237,6 +238,20 @@ async def test_typing_before_the_terminal_is_ready_is_kept(client):
     term = await TerminalClient.open(await signed_in(client))
     await term.type("echo early-$((3*3))\r")  # sent at once, while the container may still be starting
     await term.read_until("early-9", timeout=45)
+    term.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_input_flood_into_a_program_that_does_not_read_gets_an_error_frame(client):
+    term = await TerminalClient.open(await signed_in(client))
+    await term.run("echo ready", "ready")
+    await term.type("sleep 30\r")
+    await asyncio.sleep(0.3)
+    for _ in range(3):  # 2.4 MiB that nothing reads: past the 1 MiB input bound
+        await term.type("y" * (800 * 1024))
+    assert "input" in (await term.read_error(timeout=30)).lower()
+    await term.type("\x03")
+    await term.run("echo alive-$((5*5))", "alive-25", timeout=30)
     term.close()
 
 
