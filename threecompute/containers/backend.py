@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TAB_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+TAB_ID = re.compile(r"^[A-Za-z0-9]{1,32}\Z")
 PORTS_PER_USER = 10
 
 

@@ -1,0 +1,534 @@
+"""The Docker backend against a real engine and the real `3compute` image.
+
+Every test runs in its own DATA_DIR, hence its own deployment (labels, network, firewall
+chains), and a fixture removes all of that at teardown, even after a failure: containers
+outlive the server by design and hold host ports, so a leak would collide with the next run.
+Without an engine or the image these tests skip, or fail when REQUIRE_DOCKER=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import select
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import docker.errors
+import psutil
+import ptyprocess
+import pytest
+
+from threecompute.containers import deployment_id, make_backend
+from threecompute.containers.backend import BackendError, Box, UserRef
+from threecompute.containers.docker import (
+    CLIENTS_DIR,
+    LABEL_DEPLOYMENT,
+    PORT_IN_USE,
+    DockerBackend,
+    _engine_reason,
+    publish_address,
+)
+from threecompute.containers.firewall import Firewall
+from threecompute.settings import Settings
+
+IMAGE = os.environ.get("CONTAINER_IMAGE", "3compute")
+_handed_out: set[int] = set()
+
+
+# -- fixtures and helpers -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def engine() -> docker.DockerClient:
+    """A client for the engine, once the image is there; skip, or fail under REQUIRE_DOCKER=1."""
+    try:
+        client = docker.from_env(version="auto", timeout=30)
+        client.images.get(IMAGE)
+    except Exception as exc:
+        message = f"Docker engine or image {IMAGE!r} unavailable: {exc}"
+        if os.environ.get("REQUIRE_DOCKER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
+def remove_deployment(client: docker.DockerClient, data_dir: Path) -> None:
+    """Everything one deployment made: containers, network, firewall chains."""
+    deployment = deployment_id(data_dir)
+    label = {"label": f"{LABEL_DEPLOYMENT}={deployment}"}
+    for container in client.containers.list(all=True, filters=label):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+    for network in client.networks.list(filters=label):
+        with contextlib.suppress(docker.errors.NotFound):
+            network.remove()
+    if os.geteuid() == 0:
+        Firewall(f"3c-{deployment[:10]}", deployment[:10]).uninstall()
+
+
+MakeSettings = Callable[..., Settings]
+
+
+@contextlib.contextmanager
+def _settings_factory(engine: docker.DockerClient, base: Path) -> Iterator[MakeSettings]:
+    made: list[Path] = []
+
+    def make(name: str = "data", **overrides) -> Settings:
+        data_dir = base / name
+        made.append(data_dir)
+        values = {"data_dir": data_dir, "host": "127.0.0.1", "container_image": IMAGE,
+                  "container_memory": "256m", "container_cpus": 0.5, "container_pids": 128, **overrides}
+        return Settings(**values)
+
+    try:
+        yield make
+    finally:
+        for data_dir in made:
+            remove_deployment(engine, data_dir)
+
+
+@pytest.fixture
+def settings_for(engine: docker.DockerClient, tmp_path: Path) -> Iterator[MakeSettings]:
+    """Settings in fresh DATA_DIRs of this test; their deployments are removed afterwards."""
+    with _settings_factory(engine, tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def shared(engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One deployment and one running container, reused by the tests that only look at it."""
+    with _settings_factory(engine, tmp_path_factory.mktemp("shared")) as make:
+        settings = make()
+        user = make_user(settings, "alice")
+        backend = DockerBackend(settings)
+        box = asyncio.run(backend.ensure(user))
+        yield {"settings": settings, "user": user, "ref": box.ref, "container": engine.containers.get(box.ref)}
+
+
+def free_port_range(count: int = 10) -> int:
+    """The first of `count` consecutive free TCP ports in 20000-40000."""
+    for _ in range(200):
+        start = random.randrange(20000, 40000 - count)
+        ports = range(start, start + count)
+        if _handed_out.isdisjoint(ports) and all(_port_is_free(port) for port in ports):
+            _handed_out.update(ports)
+            return start
+    raise RuntimeError("no free port range")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def make_user(settings: Settings, user_id: str) -> UserRef:
+    workspace = settings.workspaces_dir / user_id
+    workspace.mkdir(parents=True, exist_ok=True)
+    return UserRef(user_id=user_id, port_start=free_port_range(), workspace=workspace)
+
+
+def run_in(container, *cmd: str) -> tuple[int, str]:
+    result = container.exec_run(list(cmd))
+    return result.exit_code, result.output.decode(errors="replace")
+
+
+def deployment_containers(engine: docker.DockerClient, settings: Settings, **filters) -> list:
+    label = f"{LABEL_DEPLOYMENT}={deployment_id(settings.data_dir)}"
+    return engine.containers.list(all=True, filters={"label": label, **filters})
+
+
+def read_until(proc: ptyprocess.PtyProcess, needle: str, timeout: float = 15.0) -> str:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.fd], [], [], left)[0]:
+            raise AssertionError(f"{needle!r} not seen within {timeout} s; got {seen[-300:]!r}")
+        try:
+            seen += proc.read(65536)
+        except EOFError:
+            raise AssertionError(f"{needle!r} not seen before EOF; got {seen[-300:]!r}") from None
+    return seen.decode(errors="replace")
+
+
+def tmux_clients(container) -> list[str]:
+    code, out = run_in(container, "tmux", "list-clients", "-F", "#{client_pid}")
+    return out.split() if code == 0 else []
+
+
+# -- helpers that need no engine ------------------------------------------------------------
+
+def test_port_conflict_messages_name_the_port():
+    allocated = ("driver failed programming external connectivity on endpoint x (abc): "
+                 "Bind for 127.0.0.1:8003 failed: port is already allocated")
+    in_use = ("driver failed programming external connectivity on endpoint x (abc): Error starting userland "
+              "proxy: listen tcp4 0.0.0.0:8004: bind: address already in use")
+    assert PORT_IN_USE.search(allocated).group(1) == "8003"
+    assert PORT_IN_USE.search(in_use).group(1) == "8004"
+
+
+def test_publish_address_is_the_servers_host_as_an_ip():
+    assert publish_address("127.0.0.1") == "127.0.0.1"
+    assert publish_address("localhost") == "127.0.0.1"
+    assert publish_address("0.0.0.0") == "0.0.0.0"
+    assert publish_address("203.0.113.7") == "203.0.113.7"
+    assert publish_address("example.org") == "0.0.0.0"
+
+
+def test_engine_reason_finds_the_os_error():
+    exc = ConnectionError(("Connection aborted.", FileNotFoundError(2, "No such file or directory")))
+    assert _engine_reason(exc) == "No such file or directory"
+
+
+def test_attach_command_shape_and_client_id_check(tmp_path):
+    backend = make_backend(Settings(data_dir=tmp_path))
+    assert isinstance(backend, DockerBackend)
+    user = UserRef("u1", 8000, tmp_path / "w")
+    argv = backend.attach_command(Box(user, "c0ffee"), "7", "abcdefgh").argv
+    assert argv[1:8] == ["exec", "-it", "-e", "TERM=xterm-256color", "-w", "/app", "c0ffee"]
+    assert argv[8:10] == ["sh", "-c"] and argv[10].endswith("exec tmux new-session -A -s tab7")
+    assert f"{CLIENTS_DIR}/abcdefgh" in argv[10].replace("$d", CLIENTS_DIR)
+    for bad in ("short", "x" * 65, "abc;rm -rf /", "abcdefgh\n"):
+        with pytest.raises(ValueError):
+            backend.attach_command(Box(user, "c0ffee"), "7", bad)
+    with pytest.raises(ValueError):
+        backend.attach_command(Box(user, "c0ffee"), "../x", "abcdefgh")
+
+
+# -- the container ---------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_concurrent_ensures_make_one_container(engine, settings_for):
+    settings = settings_for()
+    user = make_user(settings, "bob")
+    backend = DockerBackend(settings)
+
+    async def five() -> set[str]:
+        boxes = await asyncio.gather(*(backend.ensure(user) for _ in range(5)))
+        return {box.ref for box in boxes}
+
+    refs = asyncio.run(five())
+    assert len(refs) == 1
+    assert [c.id for c in deployment_containers(engine, settings)] == list(refs)
+    assert backend.metrics()["containers_created_total"] == 1
+
+
+@pytest.mark.docker
+def test_every_hardening_flag_is_set(engine, shared):
+    container, user, settings = shared["container"], shared["user"], shared["settings"]
+    container.reload()
+    host, config = container.attrs["HostConfig"], container.attrs["Config"]
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["Tmpfs"]["/tmp"].startswith("rw,nosuid,nodev,size=64m")
+    assert host["PidsLimit"] == 128
+    assert host["Memory"] == 256 * 1024 * 1024 and host["MemorySwap"] == host["Memory"]
+    assert host["NanoCpus"] == 500_000_000
+    assert config["User"] == "999:995" and config["Hostname"] == "3compute"
+    assert "HOME=/app" in config["Env"] and config["WorkingDir"] == "/app"
+    ours = {"3compute.deployment": deployment_id(settings.data_dir), "3compute.user": "alice"}
+    assert ours.items() <= config["Labels"].items()
+    expected = {f"{p}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(p)}]
+                for p in range(user.port_start, user.port_end + 1)}
+    assert host["PortBindings"] == expected
+    [(network_name, _)] = container.attrs["NetworkSettings"]["Networks"].items()
+    network = engine.networks.get(network_name)
+    assert network.attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+    assert network.attrs["Labels"] == {"3compute.deployment": deployment_id(settings.data_dir)}
+    assert [m["Destination"] for m in container.attrs["Mounts"]] == ["/app"]
+
+
+@pytest.mark.docker
+def test_inside_identity_and_workspace_both_ways(shared):
+    container, user = shared["container"], shared["user"]
+    code, out = run_in(container, "sh", "-c", "id -u; id -g; hostname; pwd; touch /etc/x 2>&1 || echo ro")
+    assert code == 0
+    assert out.split("\n")[:4] == ["999", "995", "3compute", "/app"]
+    assert "ro" in out.splitlines()[-1]
+    (user.workspace / "from-host.txt").write_text("hello inside\n")
+    assert run_in(container, "cat", "/app/from-host.txt") == (0, "hello inside\n")
+    assert run_in(container, "sh", "-c", "echo hello outside > /app/from-inside.txt")[0] == 0
+    made = user.workspace / "from-inside.txt"
+    assert made.read_text() == "hello outside\n" and made.stat().st_uid == 999
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="the firewall needs root")
+def test_the_container_cannot_reach_the_host(engine, shared):
+    container, settings = shared["container"], shared["settings"]
+    backend = DockerBackend(settings)
+
+    async def start_and_stop() -> None:
+        await backend.start()  # installs the firewall
+        await backend.stop()
+
+    asyncio.run(start_and_stop())
+    assert backend.firewall.status == "on"
+    network = next(iter(container.attrs["NetworkSettings"]["Networks"].values()))
+    targets = {network["Gateway"]} | {
+        a.address for name, addrs in psutil.net_if_addrs().items() for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.") and name != backend.bridge_name
+    }
+    port = free_port_range(1)
+    probe = ("import socket, sys, concurrent.futures as cf\n"
+             "def knock(host):\n"
+             "    try: socket.create_connection((host, int(sys.argv[1])), timeout=1.5); return f'OPEN {host}'\n"
+             "    except OSError as e: return f'closed {host} {e}'\n"
+             "print(*cf.ThreadPoolExecutor(64).map(knock, sys.argv[2:]), sep='\\n')\n")
+    with socket.create_server(("0.0.0.0", port)):
+        code, out = run_in(container, "python3", "-c", probe, str(port), *sorted(targets))
+        assert code == 0 and "OPEN" not in out and out.count("closed") == len(targets), out
+        backend.firewall.uninstall()  # the control: without the rules the same probe gets through
+        code, out = run_in(container, "python3", "-c", probe, str(port), network["Gateway"])
+        assert out.startswith("OPEN"), out
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_idle_containers_go_and_busy_ones_stay(engine, settings_for):
+    settings = settings_for(idle_timeout_seconds=2.0, idle_poll_seconds=0.5)
+    idle, server, tabbed = (make_user(settings, name) for name in ("idle", "server", "tabbed"))
+    backend = DockerBackend(settings)
+
+    async def scenario() -> None:
+        await backend.start()
+        boxes = await asyncio.gather(*(backend.ensure(u) for u in (idle, server, tabbed)))
+        refs = {box.user.user_id: box.ref for box in boxes}
+        engine.containers.get(refs["server"]).exec_run(
+            ["python3", "-m", "http.server", str(server.port_start)], detach=True)
+        backend.terminal_opened(tabbed)
+        deadline = time.monotonic() + 10
+        while refs["idle"] in {c.id for c in deployment_containers(engine, settings)}:
+            assert time.monotonic() < deadline, "the idle container was not removed"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # a poll or two more: the others must still be there
+        assert _http_get("127.0.0.1", server.port_start).startswith("HTTP/1.0 200")  # published port works
+        running = {c.labels["3compute.user"] for c in deployment_containers(engine, settings)}
+        assert running == {"server", "tabbed"}
+        assert backend.metrics()["containers_reaped_total"] == 1
+        await backend.stop()
+
+    asyncio.run(scenario())
+
+
+def _http_get(host: str, port: int) -> str:
+    for _ in range(20):
+        try:
+            with socket.create_connection((host, port), timeout=2) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                return sock.recv(100).decode(errors="replace")
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing answers on {host}:{port}")
+
+
+@pytest.mark.docker
+def test_a_restarted_server_adopts_the_running_container(shared):
+    settings, user = shared["settings"], shared["user"]
+    backend = DockerBackend(settings)
+
+    async def scenario() -> str:
+        await backend.start()
+        assert backend.metrics()["running_containers"] >= 1
+        assert backend._ids[user.user_id] == shared["ref"]
+        box = await backend.ensure(user)
+        await backend.stop()
+        return box.ref
+
+    assert asyncio.run(scenario()) == shared["ref"]
+    assert backend.metrics()["containers_created_total"] == 0
+
+
+@pytest.mark.docker
+def test_a_stopped_container_restarts_and_a_removed_one_is_replaced(engine, settings_for):
+    settings = settings_for()
+    user = make_user(settings, "carol")
+    backend = DockerBackend(settings)
+
+    async def scenario() -> None:
+        first = (await backend.ensure(user)).ref
+        engine.containers.get(first).kill()
+        assert (await backend.ensure(user)).ref == first
+        assert engine.containers.get(first).status == "running"
+        engine.containers.get(first).remove(force=True)
+        second = (await backend.ensure(user)).ref
+        assert second != first and engine.containers.get(second).status == "running"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.docker
+def test_the_cap_refuses_a_new_user_only(settings_for):
+    settings = settings_for(max_containers=1)
+    first, second = make_user(settings, "first"), make_user(settings, "second")
+    backend = DockerBackend(settings)
+
+    async def scenario() -> None:
+        await backend.ensure(first)
+        with pytest.raises(BackendError, match=r"container limit reached \(1 running\)"):
+            await backend.ensure(second)
+        await backend.ensure(first)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.docker
+def test_purge_removes_the_whole_deployment(engine, settings_for):
+    settings = settings_for()
+    backend = DockerBackend(settings)
+
+    async def scenario() -> None:
+        await backend.start()
+        await backend.ensure(make_user(settings, "gone"))
+        await backend.purge()
+
+    asyncio.run(scenario())
+    label = {"label": f"{LABEL_DEPLOYMENT}={backend.deployment}"}
+    assert engine.containers.list(all=True, filters=label) == []
+    assert engine.networks.list(filters=label) == []
+    assert backend.firewall.status == "off: removed"
+    if os.geteuid() == 0:
+        rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+        assert backend.deployment[:10] not in rules
+
+
+@pytest.mark.docker
+def test_a_taken_host_port_is_named_and_nothing_is_left(engine, settings_for):
+    settings = settings_for()
+    user = make_user(settings, "dave")
+    backend = DockerBackend(settings)
+    taken = user.port_start + 3
+    with socket.create_server(("127.0.0.1", taken)), \
+            pytest.raises(BackendError, match=f"port {taken} is already in use on the host"):
+        asyncio.run(backend.ensure(user))
+    assert deployment_containers(engine, settings) == []
+
+
+@pytest.mark.docker
+def test_deployments_do_not_see_each_other(engine, shared, settings_for):
+    other_settings = settings_for("other", max_containers=1, idle_timeout_seconds=0.0)
+    other = DockerBackend(other_settings)
+    alice_too = make_user(other_settings, "alice")
+
+    async def scenario() -> str:
+        assert await other.running_boxes() == {}
+        assert (await other.health())["running"] == 0
+        assert await other.reaper.sweep() == []
+        box = await other.ensure(alice_too)  # the cap of 1 counts only this deployment
+        return box.ref
+
+    ref = asyncio.run(scenario())
+    assert ref != shared["ref"]
+    assert engine.containers.get(shared["ref"]).status == "running"
+    assert [c.id for c in deployment_containers(engine, shared["settings"])] == [shared["ref"]]
+
+
+# -- terminals -----------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_attach_gives_a_tmux_shell_and_detach_ends_its_client(shared):
+    container, settings, user = shared["container"], shared["settings"], shared["user"]
+    backend = DockerBackend(settings)
+    box = asyncio.run(backend.ensure(user))
+    before = tmux_clients(container)
+    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, "5", "detachme01").argv, dimensions=(24, 80))
+    try:
+        proc.write(b"echo hi-$((40+2))\r")
+        read_until(proc, "hi-42")
+        assert len(tmux_clients(container)) == len(before) + 1
+    finally:
+        proc.terminate(force=True)
+        proc.close()
+    asyncio.run(backend.detach(box, "detachme01"))
+    deadline = time.monotonic() + 5
+    while tmux_clients(container) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tmux_clients(container) == before
+    assert run_in(container, "tmux", "has-session", "-t", "=tab5")[0] == 0  # the session lives on
+    assert run_in(container, "ls", "-A", CLIENTS_DIR)[1].strip() == ""
+    asyncio.run(backend.detach(box, "detachme01"))  # twice: no error
+
+
+@pytest.mark.docker
+def test_detach_before_the_wrapper_started_still_wins(shared):
+    container, settings, user = shared["container"], shared["settings"], shared["user"]
+    backend = DockerBackend(settings)
+    box = asyncio.run(backend.ensure(user))
+    asyncio.run(backend.detach(box, "tooearly01"))
+    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, "6", "tooearly01").argv)
+    deadline = time.monotonic() + 10
+    while proc.isalive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not proc.isalive()
+    proc.close()
+    assert run_in(container, "tmux", "has-session", "-t", "=tab6")[0] != 0
+    assert "tooearly01" not in run_in(container, "ls", "-A", CLIENTS_DIR)[1]
+
+
+@pytest.mark.docker
+def test_close_tab_and_cd_all_tabs(shared, tmp_path):
+    container, settings, user = shared["container"], shared["settings"], shared["user"]
+    (user.workspace / "sub dir").mkdir(exist_ok=True)
+    backend = DockerBackend(settings)
+    for session in ("tab1", "tab10", "tab11"):
+        assert run_in(container, "tmux", "new-session", "-d", "-s", session)[0] == 0
+    run_in(container, "tmux", "send-keys", "-t", "=tab11:", "-l", "sleep 30\r")
+
+    def cwd(session: str) -> str:
+        return run_in(container, "tmux", "display-message", "-p", "-t", f"={session}:", "#{pane_current_path}")[1]
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.5)
+        await backend.cd_all_tabs(user, "sub dir/")
+        await asyncio.sleep(0.5)
+        assert cwd("tab1").strip() == "/app/sub dir" and cwd("tab10").strip() == "/app/sub dir"
+        assert cwd("tab11").strip() == "/app"  # a running program is not typed into
+        await backend.close_tab(user, "1")
+        await backend.close_tab(user, "1")  # already gone
+        await backend.close_tab(make_user(settings, "nobody"), "1")  # no container at all
+
+    asyncio.run(scenario())
+    assert run_in(container, "tmux", "has-session", "-t", "=tab1")[0] != 0
+    assert run_in(container, "tmux", "has-session", "-t", "=tab10")[0] == 0  # no prefix match
+    for session in ("tab10", "tab11"):
+        run_in(container, "tmux", "kill-session", "-t", f"={session}")
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_engine_down_then_back_without_a_new_backend(engine, settings_for, monkeypatch):
+    settings = settings_for()
+    user = make_user(settings, "erin")
+    real = os.environ.get("DOCKER_HOST")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/nonexistent-3compute.sock")
+    backend = DockerBackend(settings)
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="Docker engine unreachable at unix:///tmp/nonexistent"):
+            await backend.ensure(user)
+        assert time.monotonic() - started < 3
+        health = await backend.health()
+        assert health["ok"] is False and "unreachable" in health["error"]
+        if real is None:
+            monkeypatch.delenv("DOCKER_HOST")
+        else:
+            monkeypatch.setenv("DOCKER_HOST", real)
+        box = await backend.ensure(user)
+        assert engine.containers.get(box.ref).status == "running"
+        assert (await backend.health())["ok"] is True
+
+    asyncio.run(scenario())

@@ -1,0 +1,133 @@
+"""The local backend: tmux on the host, one socket per deployment and user."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ptyprocess
+import pytest
+
+from threecompute.containers import make_backend
+from threecompute.containers.backend import AttachCommand, Box, UserRef
+from threecompute.containers.local import TMUX_CONF, LocalBackend
+from threecompute.settings import Settings
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[LocalBackend]:
+    local = make_backend(Settings(data_dir=tmp_path / "data", backend="local", dev=True))
+    assert isinstance(local, LocalBackend)
+    yield local
+    for user_id in ("ann", "bob"):
+        subprocess.run([local.tmux, "-L", local.socket_name(user_id), "kill-server"], capture_output=True,
+                       check=False)
+
+
+@pytest.fixture
+def ann(backend: LocalBackend) -> UserRef:
+    return UserRef("ann", 8000, backend.settings.data_dir / "workspaces" / "ann")
+
+
+def spawn(cmd: AttachCommand) -> ptyprocess.PtyProcess:
+    return ptyprocess.PtyProcess.spawn(cmd.argv, cwd=cmd.cwd, env={**os.environ, **cmd.env}, dimensions=(24, 80))
+
+
+def read_until(proc: ptyprocess.PtyProcess, needle: str, timeout: float = 10.0) -> str:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.fd], [], [], left)[0]:
+            raise AssertionError(f"{needle!r} not seen within {timeout} s; got {seen[-300:]!r}")
+        seen += proc.read(65536)
+    return seen.decode(errors="replace")
+
+
+def tmux(backend: LocalBackend, user: UserRef, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([backend.tmux, "-L", backend.socket_name(user.user_id), *args],
+                          capture_output=True, text=True, check=False)
+
+
+def close(proc: ptyprocess.PtyProcess) -> None:
+    proc.terminate(force=True)
+    proc.close()
+
+
+def open_tab(backend: LocalBackend, user: UserRef, tab: str) -> tuple[Box, ptyprocess.PtyProcess]:
+    box = asyncio.run(backend.ensure(user))
+    proc = spawn(backend.attach_command(box, tab, "client0001"))
+    proc.write(b"echo ready-$((40+2))\r")
+    read_until(proc, "ready-42")
+    return box, proc
+
+
+def test_ensure_makes_the_workspace_and_attach_runs_tmux_in_it(backend, ann):
+    box = asyncio.run(backend.ensure(ann))
+    assert ann.workspace.is_dir() and box.ref == str(ann.workspace)
+    cmd = backend.attach_command(box, "1", "client0001")
+    assert cmd.argv[1:] == ["-L", backend.socket_name("ann"), "-f", str(TMUX_CONF), "new-session", "-A", "-s",
+                            "tab1"]
+    assert cmd.cwd == str(ann.workspace)
+    assert cmd.env["TERM"] == "xterm-256color" and cmd.env["HOME"] == str(ann.workspace)
+    assert cmd.env["LANG"] == "C.UTF-8"
+    assert asyncio.run(backend.health())["ok"] is True
+
+
+def test_echo_and_reconnect_resumes_the_same_shell(backend, ann):
+    box, proc = open_tab(backend, ann, "1")
+    proc.write(b"export SECRET=kept-$((6*7)); pwd\r")
+    assert str(ann.workspace) in read_until(proc, str(ann.workspace))
+    close(proc)
+    asyncio.run(backend.detach(box, "client0001"))
+    assert tmux(backend, ann, "has-session", "-t", "=tab1").returncode == 0
+
+    again = spawn(backend.attach_command(box, "1", "client0002"))
+    again.write(b"echo got-$SECRET\r")
+    read_until(again, "got-kept-42")
+    close(again)
+
+
+def test_close_tab_kills_only_that_session(backend, ann):
+    _, one = open_tab(backend, ann, "1")
+    _, ten = open_tab(backend, ann, "10")
+    close(one)
+    close(ten)
+    asyncio.run(backend.close_tab(ann, "1"))
+    assert tmux(backend, ann, "has-session", "-t", "=tab1").returncode != 0
+    assert tmux(backend, ann, "has-session", "-t", "=tab10").returncode == 0
+    asyncio.run(backend.close_tab(ann, "1"))  # already gone: no error
+    asyncio.run(backend.close_tab(UserRef("bob", 8010, ann.workspace.parent / "bob"), "1"))  # no server
+
+
+def test_cd_all_tabs_moves_every_shell(backend, ann):
+    (ann.workspace / "my 'odd' dir").mkdir(parents=True)
+    _, one = open_tab(backend, ann, "1")
+    _, two = open_tab(backend, ann, "2")
+    asyncio.run(backend.cd_all_tabs(ann, "/my 'odd' dir/"))
+    for proc in (one, two):
+        proc.write(b"echo at-$(basename \"$PWD\")-end\r")
+        read_until(proc, "at-my 'odd' dir-end")
+        close(proc)
+
+
+def test_its_tmux_socket_is_its_own(backend, ann, tmp_path):
+    default_socket = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}" / "default"
+    default_existed = default_socket.exists()
+    _, proc = open_tab(backend, ann, "1")
+    close(proc)
+    socket_path = tmux(backend, ann, "display-message", "-p", "-t", "=tab1:", "#{socket_path}").stdout.strip()
+    assert Path(socket_path).name == backend.socket_name("ann")
+    assert tmux(backend, ann, "list-sessions", "-F", "#{session_name}").stdout.split() == ["tab1"]
+    assert default_socket.exists() == default_existed  # the default tmux server was not started
+    other = LocalBackend(Settings(data_dir=tmp_path / "other"))
+    assert other.socket_name("ann") != backend.socket_name("ann")
+    assert backend.socket_name("a/b c" * 10).startswith(f"3c-{backend.deployment}-a_b_c")
