@@ -25,6 +25,7 @@ import psutil
 import ptyprocess
 import pytest
 
+from tests.conftest import port_is_free
 from threecompute.containers import deployment_id, make_backend
 from threecompute.containers.backend import BackendError, Box, UserRef
 from threecompute.containers.docker import (
@@ -116,19 +117,10 @@ def free_port_range(count: int = 10) -> int:
     for _ in range(200):
         start = random.randrange(20000, 40000 - count)
         ports = range(start, start + count)
-        if _handed_out.isdisjoint(ports) and all(_port_is_free(port) for port in ports):
+        if _handed_out.isdisjoint(ports) and all(port_is_free(port) for port in ports):
             _handed_out.update(ports)
             return start
     raise RuntimeError("no free port range")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def make_user(settings: Settings, user_id: str) -> UserRef:

@@ -28,7 +28,7 @@ class FileSink(Protocol):
     def abort(self) -> None: ...
 
 
-class _Discard:
+class Discard:
     """Where the bytes of a file input left empty go (browsers send it with `filename=""`)."""
 
     def write(self, data: bytes) -> None:
@@ -196,7 +196,7 @@ class MultipartParser:
             raise MultipartError("a part lacks Content-Disposition: form-data with a name")
         self._name, self._filename = params["name"], _filename(params)
         if self._filename is not None:
-            self._sink = self._open_file(self._name, self._filename) if self._filename else _Discard()
+            self._sink = self._open_file(self._name, self._filename) if self._filename else Discard()
 
     def _emit(self, data: bytes) -> None:
         if self._sink is not None:

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import posixpath
 
-from .multipart import MultipartParser
+from .multipart import Discard, MultipartParser
 from .workspace import AtomicWriter, Workspace, WorkspaceError
 
 FILE_FIELD = "files"
 MAX_FILES = 5000  # each held file costs two descriptors until the batch lands
-
-
-class _Discard:
-    def write(self, data: bytes) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
 
 
 class _HeldWriter:
@@ -51,9 +40,9 @@ class UploadBatch:
         self.parser = MultipartParser(boundary, self._open_file)
         self._held: list[_HeldWriter] = []
 
-    def _open_file(self, field: str, filename: str) -> _HeldWriter | _Discard:
+    def _open_file(self, field: str, filename: str) -> _HeldWriter | Discard:
         if field != FILE_FIELD:
-            return _Discard()
+            return Discard()
         if len(self._held) >= MAX_FILES:
             raise WorkspaceError(400, f"at most {MAX_FILES} files per upload")
         name = filename if self.keep_folders else base_name(filename)
