@@ -6,6 +6,7 @@ import tornado.web
 
 from .handlers import auth, files, ops, terminal, webhook
 from .handlers.base import BaseHandler, HTTPError
+from .handlers.socketio import socketio_routes
 from .services import Services
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # non-streamed bodies; uploads raise their own limit
@@ -50,7 +51,8 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/metrics", ops.MetricsHandler),
     ]
     return tornado.web.Application(
-        [(pattern, handler, {"services": services}) for pattern, handler in routes],
+        [(pattern, handler, {"services": services}) for pattern, handler in routes]
+        + socketio_routes(services),
         default_handler_class=NotFoundHandler,
         default_handler_args={"services": services},
         websocket_max_message_size=terminal.MAX_FRAME_BYTES,

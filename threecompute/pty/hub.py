@@ -152,6 +152,9 @@ class TerminalHub:
         """End the client: its PTY child, its in-container tmux client. Idempotent."""
         if terminal._closing is None:
             terminal._closing = asyncio.ensure_future(self._close(terminal))
+            # Kept until the child is reaped, so that close_all also waits for closes in flight.
+            self._background.add(terminal._closing)
+            terminal._closing.add_done_callback(self._background.discard)
         # Shielded: a caller cancelled mid-way (a socket handler going away) must not leave
         # the terminal half closed.
         await asyncio.shield(terminal._closing)
@@ -163,10 +166,10 @@ class TerminalHub:
         return [t for per_user in self._by_user.values() for t in per_user.values()]
 
     async def close_all(self) -> None:
-        """Graceful shutdown: refuse new terminals and close every open one."""
+        """Graceful shutdown: refuse new terminals, close every open one, wait until all are reaped."""
         self._shutting_down = True
         await asyncio.gather(*(self.close(t) for t in self.terminals()))
-        if self._background:
+        while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     def metrics(self) -> dict[str, float]:
