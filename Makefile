@@ -39,3 +39,4 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+include bench/Makefile.inc

@@ -186,9 +186,9 @@ def services(settings, io_loop) -> Iterator[Services]:
     finally:
         io_loop.run_sync(lambda: close_all_sockets(built))
         io_loop.run_sync(built.backend.stop)
-        if settings.backend == "docker":
-            # Containers outlive the server by design and hold host ports: remove this test's.
-            io_loop.run_sync(built.backend.purge, timeout=60)
+        # Containers and tmux servers outlive the server by design (and containers hold host
+        # ports): remove this test's.
+        io_loop.run_sync(built.backend.purge, timeout=60)
         built.close()
 
 

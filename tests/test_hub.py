@@ -49,6 +49,9 @@ class FakeBackend(ContainerBackend):
     async def close_tab(self, user: UserRef, tab_id: str) -> None:
         pass
 
+    async def purge(self) -> None:
+        pass
+
     async def cd_all_tabs(self, user: UserRef, folder: str) -> None:
         pass
 

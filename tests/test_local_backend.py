@@ -27,9 +27,7 @@ def backend(tmp_path: Path) -> Iterator[LocalBackend]:
     local = make_backend(Settings(data_dir=tmp_path / "data", backend="local", dev=True))
     assert isinstance(local, LocalBackend)
     yield local
-    for user_id in ("ann", "bob"):
-        subprocess.run([local.tmux, "-L", local.socket_name(user_id), "kill-server"], capture_output=True,
-                       check=False)
+    asyncio.run(local.purge())
 
 
 @pytest.fixture
@@ -131,3 +129,28 @@ def test_its_tmux_socket_is_its_own(backend, ann, tmp_path):
     other = LocalBackend(Settings(data_dir=tmp_path / "other"))
     assert other.socket_name("ann") != backend.socket_name("ann")
     assert backend.socket_name("a/b c" * 10).startswith(f"3c-{backend.deployment}-a_b_c")
+
+
+def test_purge_ends_this_deployments_tmux_servers_only(backend: LocalBackend, ann: UserRef, tmp_path: Path):
+    other = LocalBackend(Settings(data_dir=tmp_path / "elsewhere"))
+    bob = UserRef("bob", 8010, other.settings.data_dir / "workspaces" / "bob")
+    procs = []
+    for local, user in ((backend, ann), (other, bob)):
+        box = asyncio.run(local.ensure(user))
+        procs.append(spawn(local.attach_command(box, "1", "c1")))
+        procs[-1].write(b"echo up-$((1+1))\r")
+        read_until(procs[-1], "up-2")
+
+    def server_alive(local: LocalBackend, user: UserRef) -> bool:
+        probe = subprocess.run([local.tmux, "-L", local.socket_name(user.user_id), "has-session"],
+                               capture_output=True, check=False)
+        return probe.returncode == 0
+
+    assert server_alive(backend, ann) and server_alive(other, bob)
+    asyncio.run(backend.purge())
+    assert not server_alive(backend, ann)
+    assert not list(backend.socket_dir().glob(f"3c-{backend.deployment}-*"))
+    assert server_alive(other, bob)
+    asyncio.run(other.purge())
+    for proc in procs:
+        proc.terminate(force=True)

@@ -359,12 +359,14 @@ async def test_program_ending_by_itself_calls_on_exit_once():
 @pytest.mark.gen_test(timeout=10)
 async def test_missing_program_or_folder_raises_and_leaks_nothing(tmp_path):
     me = psutil.Process()
-    fds = me.num_fds()
+    fds, children = me.num_fds(), {c.pid for c in me.children()}
     with pytest.raises(FileNotFoundError):
         PtySession(["no-such-program-3compute"], Recorder(), env=ENV)
     with pytest.raises(FileNotFoundError):
         PtySession(["cat"], Recorder(), env=ENV, cwd=str(tmp_path / "missing"))
     await asyncio.sleep(0.2)
     gc.collect()
-    assert me.num_fds() == fds, os.listdir("/proc/self/fd")
-    assert [c for c in me.children() if c.status() == psutil.STATUS_ZOMBIE] == []
+    # Earlier tests' clean-up may still be closing descriptors: a leak is only ever growth.
+    assert me.num_fds() <= fds, os.listdir("/proc/self/fd")
+    new_zombies = [c for c in me.children() if c.pid not in children and c.status() == psutil.STATUS_ZOMBIE]
+    assert new_zombies == []

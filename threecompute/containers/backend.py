@@ -65,6 +65,13 @@ class ContainerBackend(abc.ABC):
         """Stop background work. User containers and tmux sessions keep running."""
 
     @abc.abstractmethod
+    async def purge(self) -> None:
+        """Remove everything this deployment made (containers, tmux servers...), workspaces aside.
+
+        For tests and operators tearing a deployment down; the server itself never calls it.
+        """
+
+    @abc.abstractmethod
     async def ensure(self, user: UserRef) -> Box:
         """Make the user's box ready (create, start or reuse). Raises BackendError."""
 

@@ -55,6 +55,17 @@ class LocalBackend(ContainerBackend):
     def socket_name(self, user_id: str) -> str:
         return f"3c-{self.deployment}-{UNSAFE_SOCKET_CHARS.sub('_', user_id)[:20]}"
 
+    def socket_dir(self) -> Path:
+        return Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.geteuid()}"
+
+    async def purge(self) -> None:
+        for sock in self.socket_dir().glob(f"3c-{self.deployment}-*"):
+            proc = await asyncio.create_subprocess_exec(
+                self.tmux, "-L", sock.name, "kill-server",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await proc.wait()
+            sock.unlink(missing_ok=True)  # tmux leaves the socket file behind
+
     async def ensure(self, user: UserRef) -> Box:
         user.workspace.mkdir(parents=True, exist_ok=True)
         return Box(user=user, ref=str(user.workspace))

@@ -9,7 +9,8 @@ the next chunk only once that write is done.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 import tornado.web
 from tornado.ioloop import IOLoop
@@ -17,36 +18,44 @@ from tornado.ioloop import IOLoop
 from ..containers.backend import BackendError, UserRef
 from ..multipart import MultipartError, MultipartParser
 from ..uploads import UploadBatch
-from ..workspace import AtomicWriter, Workspace, WorkspaceError
+from ..workspace import AtomicWriter, FileInfo, Workspace, WorkspaceError
 from .base import BaseHandler, HTTPError
 
 log = logging.getLogger("threecompute.files")
+T = TypeVar("T")
 MAX_UPLOAD_BYTES = 10 * 1024**3
 READ_CHUNK_BYTES = 256 * 1024
 
 
 class WorkspaceHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        self.require_identity()  # before any body is parsed: no session is 401, whatever else is wrong
+
     async def workspace(self) -> Workspace:
         identity = self.require_identity()
         return await self.in_executor(self.services.workspaces.for_user, identity.user_id)
 
+    async def on_workspace(self, operation: Callable[..., T], *args: Any) -> T:
+        """`operation(workspace, *args)` in one trip to the file executor (the hot paths)."""
+        workspaces, user_id = self.services.workspaces, self.require_identity().user_id
+        return await self.in_executor(lambda: operation(workspaces.for_user(user_id), *args))
+
 
 class ListFilesHandler(WorkspaceHandler):
     async def get(self) -> None:
-        workspace = await self.workspace()
-        self.answer({"files": await self.in_executor(workspace.list_files)})
+        self.answer({"files": await self.on_workspace(Workspace.list_files)})
 
 
 class MoveHandler(WorkspaceHandler):
     async def post(self) -> None:
-        workspace = await self.workspace()
         body = self.json_body()
         source, destination, overwrite = body.get("source"), body.get("destination"), body.get("overwrite", False)
         if not isinstance(source, str) or not source or not isinstance(destination, str) or not destination:
             raise HTTPError(400, "source and destination must be non-empty strings")
         if not isinstance(overwrite, bool):
             raise HTTPError(400, "overwrite must be true or false")
-        await self.in_executor(workspace.move, source, destination, overwrite)
+        await self.on_workspace(Workspace.move, source, destination, overwrite)
         self.answer({"success": True})
 
 
@@ -145,17 +154,19 @@ class FileHandler(WorkspaceHandler):
             await self.in_executor(self.writer.write, chunk)
 
     async def get(self, path: str) -> None:
-        workspace = await self.workspace()
-        info = await self.in_executor(workspace.read, self.path_argument())
-        self.set_header("Content-Type", info.media_type)
-        self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
-        if info.as_attachment:
-            self.set_header("Content-Disposition", "attachment")
-        self.set_header("Content-Length", str(info.size))
-        with await self.in_executor(info.open) as file:
-            while chunk := await self.in_executor(file.read, READ_CHUNK_BYTES):
+        info, file, chunk = await self.on_workspace(open_with_first_chunk, self.path_argument())
+        with file:
+            self.set_header("Content-Type", info.media_type)
+            self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+            if info.as_attachment:
+                self.set_header("Content-Disposition", "attachment")
+            self.set_header("Content-Length", str(info.size))
+            while chunk:  # a small file is answered in one go, a large one streamed
                 self.write(chunk)
+                if len(chunk) < READ_CHUNK_BYTES:
+                    break
                 await self.flush()
+                chunk = await self.in_executor(file.read, READ_CHUNK_BYTES)
         self.finish()
 
     async def put(self, path: str) -> None:
@@ -164,13 +175,11 @@ class FileHandler(WorkspaceHandler):
         self.answer({"success": True})
 
     async def post(self, path: str) -> None:
-        workspace = await self.workspace()
-        await self.in_executor(workspace.create, self.path_argument())
+        await self.on_workspace(Workspace.create, self.path_argument())
         self.answer({"success": True})
 
     async def delete(self, path: str) -> None:
-        workspace = await self.workspace()
-        await self.in_executor(workspace.delete, self.path_argument())
+        await self.on_workspace(Workspace.delete, self.path_argument())
         self.answer({"success": True})
 
     def on_finish(self) -> None:
@@ -192,3 +201,13 @@ class FileHandler(WorkspaceHandler):
         self.clear_header("Content-Security-Policy")
         self.clear_header("Content-Length")
         super().write_error(status_code, **kwargs)
+
+
+def open_with_first_chunk(workspace: Workspace, rel: str) -> tuple[FileInfo, BinaryIO, bytes]:
+    info = workspace.read(rel)
+    file = info.open()
+    try:
+        return info, file, file.read(READ_CHUNK_BYTES)
+    except BaseException:
+        file.close()
+        raise

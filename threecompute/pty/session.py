@@ -289,7 +289,11 @@ class PtySession:
     def _schedule_flush(self) -> None:
         if self._flush_timer is not None or not self._pending:
             return
-        delay = max(0.0, self._last_flush + self._coalesce - self._loop.time())
+        delay = self._last_flush + self._coalesce - self._loop.time()
+        if delay <= 0:
+            # A quiet spell ended and _read has drained the PTY: waiting a loop turn gathers nothing.
+            self._flush()
+            return
         self._flush_timer = self._loop.call_later(delay, self._flush)
 
     def _cancel_flush(self) -> None:
