@@ -24,8 +24,8 @@ from .base import BaseHandler, HTTPError, current_identity, origin_allowed
 
 log = logging.getLogger("threecompute.terminal")
 MAX_FRAME_BYTES = 1024 * 1024
-PING_INTERVAL_SECONDS = 20
-PING_TIMEOUT_SECONDS = 30
+PING_INTERVAL_SECONDS = 25
+PING_TIMEOUT_SECONDS = 20  # a client silent this long after a ping is gone (tornado: at most the interval)
 MAX_PENDING_INPUT = 64  # frames typed before the terminal is attached
 GOING_AWAY = 1001
 TERMINAL_UNAVAILABLE = 1011
