@@ -9,8 +9,12 @@ message for the client.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+
+from .pty import PtyInputOverflow, Terminal
 
 MAX_DIMENSION = 1000
+MAX_PENDING_FRAMES = 64  # frames typed before the terminal is attached
 
 
 class FrameError(ValueError):
@@ -44,3 +48,38 @@ def parse_event(kind: object, payload: object) -> dict:
             raise FrameError(f"resize needs integer rows and cols between 1 and {MAX_DIMENSION}")
         return {"type": kind, "rows": rows, "cols": cols}
     raise FrameError(f"unknown frame type {kind!r}")
+
+
+class InputRouter:
+    """Checked frames to one terminal: held while it is being attached, then replayed in order.
+
+    Both transports use it; problems go to `report_error` (an `error` frame for the client).
+    """
+
+    def __init__(self, report_error: Callable[[str], None]) -> None:
+        self._report_error = report_error
+        self._terminal: Terminal | None = None
+        self._pending: list[dict] = []
+
+    def attach(self, terminal: Terminal) -> None:
+        self._terminal = terminal
+        pending, self._pending = self._pending, []
+        for frame in pending:
+            self._apply(frame)
+
+    def receive(self, frame: dict) -> None:
+        if self._terminal is not None:
+            self._apply(frame)
+        elif len(self._pending) < MAX_PENDING_FRAMES:
+            self._pending.append(frame)
+        else:
+            self._report_error("the terminal is still starting; input dropped")
+
+    def _apply(self, frame: dict) -> None:
+        if frame["type"] == "resize":
+            self._terminal.resize(frame["rows"], frame["cols"])
+            return
+        try:
+            self._terminal.write(frame["input"])
+        except PtyInputOverflow as exc:
+            self._report_error(str(exc))

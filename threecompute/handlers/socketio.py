@@ -55,11 +55,10 @@ from tornado.httputil import parse_cookie
 from ..containers.backend import TAB_ID, BackendError
 from ..identity import COOKIE_NAME, Identity
 from ..pty.hub import Terminal
-from ..pty.session import PtyInputOverflow
 from ..services import Services
-from ..terminal_frames import FrameError, parse_event
+from ..terminal_frames import FrameError, InputRouter, parse_event
 from .base import origin_allowed
-from .terminal import MAX_FRAME_BYTES, MAX_PENDING_INPUT
+from .terminal import MAX_FRAME_BYTES
 
 log = logging.getLogger("threecompute.socketio")
 NAMESPACE = "/"
@@ -138,7 +137,7 @@ class SocketIOTerminal:
         self.tab_id = tab_id
         self.terminal: Terminal | None = None
         self.attaching: asyncio.Task | None = None
-        self.pending_input: list[dict] = []
+        self.input = InputRouter(self.send_error)
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         # Frames must reach the Engine.IO queue in the order they were produced; a lock is
         # FIFO, so it orders them whatever `emit` awaits inside.
@@ -167,9 +166,7 @@ class SocketIOTerminal:
         if self.gone.done():  # the client left while the container was being made
             await self.services.hub.close(self.terminal)
             return
-        for frame in self.pending_input:
-            self.apply(frame)
-        self.pending_input.clear()
+        self.input.attach(self.terminal)
 
     def on_disconnect(self) -> None:
         if not self.gone.done():
@@ -198,25 +195,8 @@ class SocketIOTerminal:
 
     def receive(self, kind: str, args: tuple) -> None:
         try:
-            frame = parse_event(kind, args[0] if len(args) == 1 else None)
+            self.input.receive(parse_event(kind, args[0] if len(args) == 1 else None))
         except FrameError as exc:
-            self.send_error(str(exc))
-            return
-        if self.terminal is None:
-            if len(self.pending_input) >= MAX_PENDING_INPUT:
-                self.send_error("the terminal is still starting; input dropped")
-                return
-            self.pending_input.append(frame)
-            return
-        self.apply(frame)
-
-    def apply(self, frame: dict) -> None:
-        if frame["type"] == "resize":
-            self.terminal.resize(frame["rows"], frame["cols"])
-            return
-        try:
-            self.terminal.write(frame["input"])
-        except PtyInputOverflow as exc:
             self.send_error(str(exc))
 
     # -- output --------------------------------------------------------------------------

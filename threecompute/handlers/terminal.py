@@ -17,16 +17,15 @@ from typing import Any
 import tornado.websocket
 
 from ..containers.backend import TAB_ID, BackendError, UserRef
-from ..pty import PtyInputOverflow, Terminal
+from ..pty import Terminal
 from ..services import Services
-from ..terminal_frames import FrameError, parse_frame
+from ..terminal_frames import FrameError, InputRouter, parse_frame
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
 
 log = logging.getLogger("threecompute.terminal")
 MAX_FRAME_BYTES = 1024 * 1024
 PING_INTERVAL_SECONDS = 25
 PING_TIMEOUT_SECONDS = 20  # a client silent this long after a ping is gone (tornado: at most the interval)
-MAX_PENDING_INPUT = 64  # frames typed before the terminal is attached
 GOING_AWAY = 1001
 TERMINAL_UNAVAILABLE = 1011
 
@@ -48,7 +47,7 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
         self.services = services
         self.terminal: Terminal | None = None
         self.attaching: asyncio.Task | None = None
-        self.pending_input: list[dict] = []
+        self.input = InputRouter(self.send_error_frame)
 
     async def prepare(self) -> None:
         identity = current_identity(self, self.services)
@@ -94,9 +93,7 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
         if self.ws_connection is None:  # the client left while the container was being made
             await self.services.hub.close(self.terminal)
             return
-        for frame in self.pending_input:
-            self.apply(frame)
-        self.pending_input.clear()
+        self.input.attach(self.terminal)
 
     def on_close(self) -> None:
         self.services.open_sockets.discard(self)
@@ -116,26 +113,9 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> None:
         try:
-            frame = parse_frame(message)
+            self.input.receive(parse_frame(message))
         except FrameError as exc:
             self.send_error_frame(str(exc))
-            return
-        if self.terminal is None:
-            if len(self.pending_input) >= MAX_PENDING_INPUT:
-                self.send_error_frame("the terminal is still starting; input dropped")
-                return
-            self.pending_input.append(frame)
-            return
-        self.apply(frame)
-
-    def apply(self, frame: dict) -> None:
-        if frame["type"] == "pty-input":
-            try:
-                self.terminal.write(frame["input"])
-            except PtyInputOverflow as exc:
-                self.send_error_frame(str(exc))
-        else:
-            self.terminal.resize(frame["rows"], frame["cols"])
 
     def send_output(self, text: str) -> Awaitable[None] | None:
         try:
