@@ -269,3 +269,21 @@ async def test_shutdown_closes_sockets_with_1001(client, services):
     assert not services.hub.terminals()
     with pytest.raises(WebSocketClosedError):
         await term.type("x")
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_upload_folder_move_into_changes_the_open_tabs_folder(client):
+    from .test_files import upload
+
+    term = await TerminalClient.open(await signed_in(client))
+    await term.run("echo ready", "ready")
+    answer = await upload(client, "/upload-folder", [("proj/main.py", b"print(1)")], {"move-into": "proj"})
+    assert answer.code == 200, answer.body
+    deadline = time.monotonic() + 15
+    while True:  # the cd lands shortly after the answer
+        output = await term.run(f"echo at:$(basename $PWD):{int(time.monotonic() * 1000)}", "at:")
+        if "at:proj:" in output:
+            break
+        assert time.monotonic() < deadline, output
+        await asyncio.sleep(0.3)
+    term.close()
