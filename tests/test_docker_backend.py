@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import random
-import select
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ import ptyprocess
 import pytest
 
 from tests.conftest import port_is_free
+from tests.pty_reader import read_until
 from threecompute.containers import deployment_id, make_backend
 from threecompute.containers.backend import BackendError, Box, UserRef
 from threecompute.containers.docker import (
@@ -138,19 +138,6 @@ def deployment_containers(engine: docker.DockerClient, settings: Settings, **fil
     label = f"{LABEL_DEPLOYMENT}={deployment_id(settings.data_dir)}"
     return engine.containers.list(all=True, filters={"label": label, **filters})
 
-
-def read_until(proc: ptyprocess.PtyProcess, needle: str, timeout: float = 15.0) -> str:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while needle.encode() not in seen:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.fd], [], [], left)[0]:
-            raise AssertionError(f"{needle!r} not seen within {timeout} s; got {seen[-300:]!r}")
-        try:
-            seen += proc.read(65536)
-        except EOFError:
-            raise AssertionError(f"{needle!r} not seen before EOF; got {seen[-300:]!r}") from None
-    return seen.decode(errors="replace")
 
 
 def tmux_clients(container) -> list[str]:

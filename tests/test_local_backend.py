@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import ptyprocess
 import pytest
 
+from tests.pty_reader import read_until
 from threecompute.containers import make_backend
 from threecompute.containers.backend import AttachCommand, Box, UserRef
 from threecompute.containers.local import TMUX_CONF, LocalBackend
@@ -38,16 +37,6 @@ def ann(backend: LocalBackend) -> UserRef:
 def spawn(cmd: AttachCommand) -> ptyprocess.PtyProcess:
     return ptyprocess.PtyProcess.spawn(cmd.argv, cwd=cmd.cwd, env={**os.environ, **cmd.env}, dimensions=(24, 80))
 
-
-def read_until(proc: ptyprocess.PtyProcess, needle: str, timeout: float = 10.0) -> str:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while needle.encode() not in seen:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.fd], [], [], left)[0]:
-            raise AssertionError(f"{needle!r} not seen within {timeout} s; got {seen[-300:]!r}")
-        seen += proc.read(65536)
-    return seen.decode(errors="replace")
 
 
 def tmux(backend: LocalBackend, user: UserRef, *args: str) -> subprocess.CompletedProcess:

@@ -100,10 +100,7 @@ class LogoutHandler(BaseHandler):
 
 class MeHandler(BaseHandler):
     async def get(self) -> None:
-        identity = self.require_identity()
-        user = await self.services.store.get_user(identity.user_id)
-        if user is None:
-            raise HTTPError(401, "unauthenticated")
+        user = await self.require_user()
         self.answer({"email": user.email, "port_start": user.port_start, "port_end": user.port_end})
 
 
@@ -118,18 +115,14 @@ class UsersHandler(BaseHandler):
 
 class TabsHandler(BaseHandler):
     async def get(self) -> None:
-        identity = self.require_identity()
-        user = await self.services.store.get_user(identity.user_id)
-        if user is None:
-            raise HTTPError(401, "unauthenticated")
+        user = await self.require_user()
         self.answer({"tabs": user.tabs, "active_tab": user.active_tab})
 
     async def post(self) -> None:
-        identity = self.require_identity()
+        self.require_identity()  # 401 before any complaint about the body
         tabs, active_tab = parse_tabs(self.json_body())
-        if await self.services.store.get_user(identity.user_id) is None:
-            raise HTTPError(401, "unauthenticated")
-        await self.services.store.save_tabs(identity.user_id, tabs, active_tab)
+        user = await self.require_user()
+        await self.services.store.save_tabs(user.id, tabs, active_tab)
         self.answer({"success": True})
 
 

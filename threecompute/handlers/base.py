@@ -18,7 +18,7 @@ from tornado.ioloop import IOLoop
 from ..containers.backend import BackendError
 from ..identity import COOKIE_NAME, Identity
 from ..services import Services
-from ..store import StoreError
+from ..store import StoreError, User
 from ..workspace import WorkspaceError
 
 log = logging.getLogger("threecompute.http")
@@ -94,6 +94,13 @@ class BaseHandler(tornado.web.RequestHandler):
         if identity is None:
             raise HTTPError(401, "unauthenticated")
         return identity
+
+    async def require_user(self) -> User:
+        """The caller's stored record; a valid token for a user the store lacks is no identity."""
+        user = await self.services.store.get_user(self.require_identity().user_id)
+        if user is None:
+            raise HTTPError(401, "unauthenticated")
+        return user
 
     # -- bodies and answers ---------------------------------------------------------------
 

@@ -118,8 +118,8 @@ class UploadFolderHandler(UploadHandler):
 
     async def after_upload(self) -> None:
         folder = self.batch.field("move-into")
-        user = await self.services.store.get_user(self.require_identity().user_id)
-        if folder and user is not None:
+        if folder:
+            user = await self.require_user()
             # The answer need not wait for the terminals; a failure is only logged.
             IOLoop.current().spawn_callback(self._cd_all_tabs, self.services.user_ref(user), folder)
 

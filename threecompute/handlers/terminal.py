@@ -130,14 +130,12 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
 
 class CloseTabHandler(BaseHandler):
     async def post(self) -> None:
-        identity = self.require_identity()
+        self.require_identity()  # 401 before any complaint about the body
         tab_id = self.json_body().get("tabId")
         if not isinstance(tab_id, str) or not TAB_ID.match(tab_id):
             raise HTTPError(400, "tabId must be 1-32 letters or digits")
-        record = await self.services.store.get_user(identity.user_id)
-        if record is None:
-            raise HTTPError(401, "unauthenticated")
-        await self.services.backend.close_tab(self.services.user_ref(record), tab_id)
+        user = await self.require_user()
+        await self.services.backend.close_tab(self.services.user_ref(user), tab_id)
         self.answer({"success": True})
 
 
