@@ -74,7 +74,13 @@ class TerminalClient:
         return self.errors.pop(0)
 
     async def run(self, command: str, marker: str, timeout: float = 15) -> str:
-        """Type a command line and read until its output shows `marker`."""
+        """Type a command line and read until its output shows `marker`.
+
+        The marker must not be part of the command itself: input typed before `docker exec`
+        has put the PTY in raw mode is echoed by the host's line discipline, which would
+        make the command's own text look like its output.
+        """
+        assert marker not in command, (command, marker)
         await self.type(command + "\r")
         return await self.read_until(marker, timeout)
 

@@ -44,7 +44,7 @@ async def test_typed_input_is_echoed(client):
 @pytest.mark.gen_test(timeout=90)
 async def test_resize_reaches_the_shell(client):
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     await term.resize(37, 101)
     await term.send({"type": "resize", "rows": 38, "cols": 102})
     await asyncio.sleep(0.3)
@@ -91,7 +91,7 @@ async def test_close_tab_needs_a_session(client):
 @pytest.mark.gen_test(timeout=90)
 async def test_multibyte_output_arrives_whole(client):
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("stty cols 200; echo ok", "ok")
+    await term.run("stty cols 200; echo ok-$((1+1))", "ok-2")
     # 9,000 characters of 2, 3 and 4 bytes each, in lines tmux redraws as it likes.
     script = "import sys; s='é中😀'*3000; [print(s[i:i+150]) for i in range(0, len(s), 150)]; print('END-'+'OF-TEXT')"
     await term.type(f'python3 -c "{script}"\r')
@@ -105,7 +105,7 @@ async def test_multibyte_output_arrives_whole(client):
 async def test_a_flood_to_a_stalled_client_keeps_memory_bounded(client):
     """`yes` while the client reads nothing for 4 s: the server stops reading that PTY."""
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     process = psutil.Process()
     before = process.memory_info().rss
     await term.type("yes flood-line-of-text\r")
@@ -127,10 +127,10 @@ async def test_a_flood_to_a_stalled_client_keeps_memory_bounded(client):
 async def test_other_tabs_keep_echoing_during_a_flood(client):
     await signed_in(client)
     flood = await TerminalClient.open(client, tab="1")
-    await flood.run("echo ready", "ready")
+    await flood.run("echo ready-$((2+2))", "ready-4")
     await flood.type("yes\r")
     quiet = await TerminalClient.open(client, tab="2")
-    await quiet.run("echo warm", "warm")
+    await quiet.run("echo warm-$((2+2))", "warm-4")
     delays = []
     for i in range(10):
         started = time.monotonic()
@@ -152,13 +152,13 @@ def child_processes() -> set[int]:
 async def test_connect_close_cycles_leave_nothing_behind(client, services):
     await signed_in(client)
     warm = await TerminalClient.open(client, tab="3")
-    await warm.run("echo warm", "warm")
+    await warm.run("echo warm-$((2+2))", "warm-4")
     warm.close()
     await wait_for(lambda: not services.hub.terminals())
     fds_before, children_before = len(os.listdir("/proc/self/fd")), child_processes()
     for i in range(30):
         term = await TerminalClient.open(client, tab="3")
-        await term.run(f"echo cycle{i}x", f"cycle{i}x")
+        await term.run(f"echo cycle{i}-$((2+2))", f"cycle{i}-4")
         term.close()
     await wait_for(lambda: not services.hub.terminals())
     await wait_for(lambda: child_processes() <= children_before, timeout=20)
@@ -180,7 +180,7 @@ async def wait_for(condition, timeout: float = 15) -> None:
 @pytest.mark.gen_test(timeout=90)
 async def test_bad_frames_get_an_error_and_the_session_stays_up(client):
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     bad = ["{not json", "[1,2]", json.dumps({"type": "launch"}),
            json.dumps({"type": "pty-input", "data": {"input": 5}}),
            json.dumps({"type": "resize", "data": {"rows": 0, "cols": 80}}),
@@ -191,14 +191,14 @@ async def test_bad_frames_get_an_error_and_the_session_stays_up(client):
         await term.send(frame)
         message = await term.read_error()
         assert message, frame
-    await term.run("echo still-here", "still-here")
+    await term.run("echo still-here-$((2+2))", "still-here-4")
     term.close()
 
 
 @pytest.mark.gen_test(timeout=90)
 async def test_an_oversized_frame_closes_with_1009(client):
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     await term.send(json.dumps({"type": "pty-input", "data": {"input": "x" * (1024 * 1024 + 10)}}))
     while await term.connection.read_message() is not None:
         pass
@@ -219,7 +219,7 @@ async def test_refused_without_cookie_from_a_foreign_origin_or_with_a_bad_tab(cl
             await TerminalClient.open(client, query=query)
         assert bad.value.code == 400, query
     allowed = await TerminalClient.open(client, origin=FRONTEND)
-    await allowed.run("echo frontend-ok", "frontend-ok")
+    await allowed.run("echo frontend-ok-$((2+2))", "frontend-ok-4")
     allowed.close()
 
 
@@ -245,7 +245,7 @@ async def test_typing_before_the_terminal_is_ready_is_kept(client):
 @pytest.mark.gen_test(timeout=60)
 async def test_an_input_flood_into_a_program_that_does_not_read_gets_an_error_frame(client):
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     await term.type("sleep 30\r")
     await asyncio.sleep(0.3)
     for _ in range(3):  # 2.4 MiB that nothing reads: past the 1 MiB input bound
@@ -261,7 +261,7 @@ async def test_shutdown_closes_sockets_with_1001(client, services):
     from threecompute.handlers.terminal import close_all_sockets
 
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     await close_all_sockets(services)
     while await term.connection.read_message() is not None:
         pass
@@ -276,14 +276,10 @@ async def test_upload_folder_move_into_changes_the_open_tabs_folder(client):
     from .test_files import upload
 
     term = await TerminalClient.open(await signed_in(client))
-    await term.run("echo ready", "ready")
+    await term.run("echo ready-$((2+2))", "ready-4")
     answer = await upload(client, "/upload-folder", [("proj/main.py", b"print(1)")], {"move-into": "proj"})
     assert answer.code == 200, answer.body
-    deadline = time.monotonic() + 15
-    while True:  # the cd lands shortly after the answer
-        output = await term.run(f"echo at:$(basename $PWD):{int(time.monotonic() * 1000)}", "at:")
-        if "at:proj:" in output:
-            break
-        assert time.monotonic() < deadline, output
-        await asyncio.sleep(0.3)
+    await term.read_until("/proj")  # the typed `cd` lands shortly after the answer; wait for it
+    await asyncio.sleep(0.2)
+    await term.run("echo at:$(basename $PWD):end", "at:proj:end")
     term.close()
