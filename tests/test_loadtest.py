@@ -27,10 +27,10 @@ def load_script():
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_a_short_run_measures_echo_and_writes_its_report(tmp_path):
     out = tmp_path / "report.json"
-    args = ["--spawn", "local", "--users", "2", "--tabs", "1", "--duration", "5", "--ramp", "1",
+    args = ["--spawn", "local", "--users", "2", "--tabs", "1", "--duration", "8", "--ramp", "1",
             "--burst-every", "1.5", "--big-every", "2", "--big-lines", "3000", "--out", str(out), "--quiet"]
     result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=80)
