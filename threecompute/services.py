@@ -3,6 +3,7 @@ handlers through `make_app` (never module globals, so a test can build its own).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,14 @@ class Services:
     def user_ref(self, user: User) -> UserRef:
         return UserRef(user_id=user.id, port_start=user.port_start,
                        workspace=self.settings.workspaces_dir / user.id)
+
+    async def terminal_user(self, user_id: str) -> UserRef | None:
+        """The stored user, with their workspace folder made, ready to attach a terminal."""
+        record = await self.store.get_user(user_id)
+        if record is None:
+            return None
+        await asyncio.get_running_loop().run_in_executor(self.file_executor, self.workspaces.for_user, record.id)
+        return self.user_ref(record)
 
     def close(self) -> None:
         self.file_executor.shutdown(wait=True)

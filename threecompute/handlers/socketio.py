@@ -147,14 +147,12 @@ class SocketIOTerminal:
 
     async def attach(self) -> None:
         try:
-            record = await self.services.store.get_user(self.user_id)
-            if record is None:  # signed in, then removed from the store
+            user = await self.services.terminal_user(self.user_id)
+            if user is None:  # signed in, then removed from the store
                 await self.refuse(UNAUTHORIZED)
                 return
-            await asyncio.get_running_loop().run_in_executor(
-                self.services.file_executor, self.services.workspaces.for_user, record.id)
             self.terminal = await self.services.hub.open(
-                self.services.user_ref(record), self.tab_id, rows=24, cols=80,
+                user, self.tab_id, rows=24, cols=80,
                 send=self.send_output, on_exit=self.on_terminal_exit)
         except BackendError as exc:
             await self.refuse(str(exc))

@@ -56,12 +56,10 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
         self.tab_id = self.get_query_argument("tabId", "1")
         if not TAB_ID.match(self.tab_id):
             raise HTTPError(400, "tabId must be 1-32 letters or digits")
-        record = await self.services.store.get_user(identity.user_id)
-        if record is None:
+        user = await self.services.terminal_user(identity.user_id)
+        if user is None:
             raise HTTPError(401, "unauthenticated")
-        await asyncio.get_running_loop().run_in_executor(
-            self.services.file_executor, self.services.workspaces.for_user, record.id)
-        self.user = self.services.user_ref(record)
+        self.user = user
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(origin, self.services.settings.frontend_origin, self.request.host)
