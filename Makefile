@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint image engine bench loadtest clean
+.PHONY: setup run test test-fast lint image engine bench loadtest clean web
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 setup: $(VENV)/.installed ## a .venv with everything the server and its tests need
 
-run: setup ## the server in dev mode: Docker when an engine answers (image built if missing), else local tmux
+# The web workspace: rebuilt when any of its sources or the lock file changed.
+WEB_SOURCES := $(shell find web/src -type f) web/index.html web/build.mjs web/package.json web/package-lock.json
+web/dist/manifest.json: $(WEB_SOURCES)
+	scripts/build-web.sh
+
+web: web/dist/manifest.json ## bundle the web workspace served at / (Node.js installed with apt if missing)
+
+run: setup web ## the server in dev mode: Docker when an engine answers (image built if missing), else local tmux
 	@if docker info >/dev/null 2>&1; then \
 		scripts/build-image.sh && exec $(PY) server.py --dev --port $(PORT); \
 	else \
@@ -28,7 +35,8 @@ engine: ## install and start a Docker engine if none answers
 image: engine ## build the 3compute image without a registry (cached)
 	scripts/build-image.sh
 
-test: setup image ## the whole suite, against a real Docker engine
+test: setup image web ## the whole suite, against a real Docker engine (and Debian's chromium)
+	@command -v chromium >/dev/null || scripts/build-web.sh --browser
 	REQUIRE_DOCKER=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup ## the suite without the Docker tests

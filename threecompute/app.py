@@ -10,6 +10,7 @@ from tornado.log import access_log
 from .handlers import auth, files, ops, terminal, webhook
 from .handlers.base import BaseHandler, HTTPError
 from .handlers.socketio import socketio_routes
+from .handlers.web import web_routes
 from .services import Services
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # non-streamed bodies; uploads raise their own limit
@@ -26,11 +27,6 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     else:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     access_log.log(level, "%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
-
-
-class IndexHandler(BaseHandler):
-    def get(self) -> None:
-        self.answer({"service": "3compute", "status": "/healthz"})
 
 
 class NotFoundHandler(BaseHandler):
@@ -50,7 +46,7 @@ AUTH_ROUTES = [
 
 
 def make_app(services: Services) -> tornado.web.Application:
-    routes: list[tuple[str, type[tornado.web.RequestHandler]]] = [(r"/", IndexHandler)]
+    routes: list[tuple[str, type[tornado.web.RequestHandler]]] = []
     for name, handler in AUTH_ROUTES:
         # The existing frontend calls the short forms; the seed documents /auth/...
         routes += [(rf"/auth/{name}", handler), (rf"/{name}", handler)]
@@ -60,6 +56,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/upload-folder", files.UploadFolderHandler),
         (r"/move", files.MoveHandler),
         (r"/file/(.*)", files.FileHandler),
+        (r"/download/(.*)", files.DownloadHandler),
         (r"/terminal/ws", terminal.TerminalSocket),
         (r"/terminal/close-tab", terminal.CloseTabHandler),
         (r"/github-webhook", webhook.GithubWebhookHandler),
@@ -68,6 +65,7 @@ def make_app(services: Services) -> tornado.web.Application:
     ]
     return tornado.web.Application(
         [(pattern, handler, {"services": services}) for pattern, handler in routes]
+        + web_routes(services)
         + socketio_routes(services),
         default_handler_class=NotFoundHandler,
         default_handler_args={"services": services},

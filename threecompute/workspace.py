@@ -24,8 +24,10 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -379,6 +381,36 @@ class Workspace:
                 os.rename(src_name, dst_name, src_dir_fd=src_parent, dst_dir_fd=dst_parent)
         self._listing.invalidate()
 
+    @_os_errors()
+    def download(self, rel: str) -> tuple[str, BinaryIO]:
+        """(file name, open file) to send: a file as it is, a folder (or the root) as a zip.
+
+        The zip is written to an anonymous temporary file first (the caller runs this in an
+        executor and then streams it), so memory stays flat whatever the folder's size.
+        Links inside the folder are left out: a zip of them would be a way to read outside.
+        """
+        parts = _split_path(rel)
+        if parts:
+            with self._parent_of(parts) as (parent, name):
+                entry = self._probe(parent, name)
+                if entry is None:
+                    raise WorkspaceError(404, "no such file or folder")
+                if not entry.is_dir:
+                    return name, self.read(rel).open()
+        fd = self._open_folder(parts, create=False)
+        try:
+            out = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
+            try:
+                with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+                    _zip_folder(archive, fd, "")
+                out.seek(0)
+            except BaseException:
+                out.close()
+                raise
+        finally:
+            os.close(fd)
+        return (parts[-1] if parts else "workspace") + ".zip", out
+
     # --- path resolution ---
 
     def _inside(self, real: str) -> bool:
@@ -535,6 +567,39 @@ class Workspace:
             return "/" if stat.S_ISDIR(os.fstat(fd).st_mode) else ""
         finally:
             os.close(fd)
+
+
+def _zip_folder(archive: zipfile.ZipFile, folder_fd: int, prefix: str) -> None:
+    """Add a folder's files and folders to `archive` under `prefix`, never following a link."""
+    with os.scandir(folder_fd) as entries:
+        names = sorted((entry.name, entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False))
+                       for entry in entries)
+    for name, is_dir, is_file in names:
+        if is_dir:
+            try:
+                child = os.open(name, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=folder_fd)
+            except OSError:  # removed or swapped for a link meanwhile
+                continue
+            try:
+                archive.writestr(zipfile.ZipInfo(prefix + name + "/"), b"")
+                _zip_folder(archive, child, prefix + name + "/")
+            finally:
+                os.close(child)
+        elif is_file and not _TEMP_NAME.match(name):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+            except OSError:
+                continue
+            with os.fdopen(fd, "rb") as source:
+                status = os.fstat(source.fileno())
+                if not stat.S_ISREG(status.st_mode):
+                    continue
+                stamp = time.localtime(max(status.st_mtime, 315532800 + 86400))[:6]  # zip starts in 1980
+                info = zipfile.ZipInfo(prefix + name, stamp)
+                info.external_attr = (status.st_mode & 0xFFFF) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(info, "w", force_zip64=True) as target:
+                    shutil.copyfileobj(source, target, 256 * 1024)
 
 
 class Workspaces:

@@ -9,6 +9,7 @@ the next chunk only once that write is done.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
@@ -19,7 +20,7 @@ from ..containers.backend import BackendError, UserRef
 from ..multipart import MultipartError, MultipartParser
 from ..uploads import UploadBatch
 from ..workspace import AtomicWriter, FileInfo, Workspace, WorkspaceError
-from .base import BaseHandler, HTTPError
+from .base import UNSAFE_METHODS, BaseHandler, HTTPError
 
 log = logging.getLogger("threecompute.files")
 T = TypeVar("T")
@@ -40,6 +41,11 @@ class WorkspaceHandler(BaseHandler):
         """`operation(workspace, *args)` in one trip to the file executor (the hot paths)."""
         workspaces, user_id = self.services.workspaces, self.require_identity().user_id
         return await self.in_executor(lambda: operation(workspaces.for_user(user_id), *args))
+
+    def on_finish(self) -> None:
+        # Any successful write: the user's open workspaces refresh their file tree.
+        if self.request.method in UNSAFE_METHODS and self.get_status() < 400 and self.current_user is not None:
+            self.services.hub.files.changed(self.current_user.user_id)
 
 
 class ListFilesHandler(WorkspaceHandler):
@@ -184,6 +190,7 @@ class FileHandler(WorkspaceHandler):
 
     def on_finish(self) -> None:
         self._abort_writer()
+        super().on_finish()
 
     def on_connection_close(self) -> None:
         self._abort_writer()
@@ -201,6 +208,26 @@ class FileHandler(WorkspaceHandler):
         self.clear_header("Content-Security-Policy")
         self.clear_header("Content-Length")
         super().write_error(status_code, **kwargs)
+
+
+class DownloadHandler(WorkspaceHandler):
+    """GET /download/<path>: a file as an attachment, a folder (or the root) as a zip."""
+
+    async def get(self, path: str) -> None:
+        name, file = await self.on_workspace(Workspace.download, path)
+        with file:
+            self.set_header("Content-Type", "application/zip" if name.endswith(".zip") else "application/octet-stream")
+            self.set_header("Content-Disposition", content_disposition(name))
+            self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+            while chunk := await self.in_executor(file.read, READ_CHUNK_BYTES):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+
+def content_disposition(name: str) -> str:
+    ascii_name = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name)}"
 
 
 def open_with_first_chunk(workspace: Workspace, rel: str) -> tuple[FileInfo, BinaryIO, bytes]:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import socketio
@@ -58,7 +58,7 @@ from ..pty.hub import Terminal
 from ..services import Services
 from ..terminal_frames import FrameError, InputRouter, parse_event
 from .base import origin_allowed
-from .terminal import MAX_FRAME_BYTES
+from .terminal import MAX_FRAME_BYTES, wants_files_changed
 
 log = logging.getLogger("threecompute.socketio")
 NAMESPACE = "/"
@@ -138,6 +138,7 @@ class SocketIOTerminal:
         self.terminal: Terminal | None = None
         self.attaching: asyncio.Task | None = None
         self.input = InputRouter(self.send_error)
+        self.unwatch_files: Callable[[], None] | None = None
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         # Frames must reach the Engine.IO queue in the order they were produced; a lock is
         # FIFO, so it orders them whatever `emit` awaits inside.
@@ -167,6 +168,8 @@ class SocketIOTerminal:
         self.input.attach(self.terminal)
 
     def on_disconnect(self) -> None:
+        if self.unwatch_files is not None:
+            self.unwatch_files()
         if not self.gone.done():
             self.gone.set_result(None)  # releases the frames the session still counts in flight
         self.transport.spawn(self.release())
@@ -205,6 +208,9 @@ class SocketIOTerminal:
 
     def send_error(self, message: str) -> None:
         self.transport.spawn(self._deliver("error", {"message": message}, wait=False))
+
+    def send_files_changed(self) -> None:
+        self.transport.spawn(self._deliver("files-changed", {}, wait=False))
 
     async def refuse(self, message: str) -> None:
         await self._deliver("error", {"message": message}, wait=False)
@@ -292,6 +298,9 @@ class SocketIOTransport:
         else:
             self.connections[sid] = connection
             self.services.open_sockets.add(connection)
+            if wants_files_changed(query.get("events", [""])[-1]):
+                connection.unwatch_files = self.services.hub.files.watch(
+                    identity.user_id, connection.send_files_changed)
             connection.attaching = self.spawn(connection.attach())
 
     def on_disconnect(self, sid: str, reason: Any = None) -> None:

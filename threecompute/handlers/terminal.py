@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tornado.websocket
@@ -38,6 +38,15 @@ def error_frame(message: str) -> str:
     return json.dumps({"type": "error", "data": {"message": message}})
 
 
+FILES_CHANGED_FRAME = json.dumps({"type": "files-changed", "data": {}})
+
+
+def wants_files_changed(events: str) -> bool:
+    """`events=files-changed` in the query: the client asks for that frame too (existing
+    clients never see a frame type they do not know)."""
+    return "files-changed" in events.split(",")
+
+
 class TerminalSocket(tornado.websocket.WebSocketHandler):
     services: Services
     user: UserRef
@@ -48,6 +57,7 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
         self.terminal: Terminal | None = None
         self.attaching: asyncio.Task | None = None
         self.input = InputRouter(self.send_error_frame)
+        self.unwatch_files: Callable[[], None] | None = None
 
     async def prepare(self) -> None:
         identity = current_identity(self, self.services)
@@ -73,6 +83,8 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         self.set_nodelay(True)  # so a 1009 close frame is not lost in the reset that follows it
         self.services.open_sockets.add(self)
+        if wants_files_changed(self.get_query_argument("events", "")):
+            self.unwatch_files = self.services.hub.files.watch(self.user.user_id, self.send_files_changed)
         self.attaching = asyncio.ensure_future(self.attach())
 
     async def attach(self) -> None:
@@ -95,6 +107,8 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.services.open_sockets.discard(self)
+        if self.unwatch_files is not None:
+            self.unwatch_files()
         asyncio.ensure_future(self.release())
 
     async def release(self) -> None:
@@ -124,6 +138,10 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
     def send_error_frame(self, message: str) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
             self.write_message(error_frame(message))
+
+    def send_files_changed(self) -> None:
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            self.write_message(FILES_CHANGED_FRAME)
 
 
 class CloseTabHandler(BaseHandler):

@@ -98,11 +98,69 @@ class LatencyWindow:
         }
 
 
+class FilesNotifier:
+    """Per user: tell the user's watching terminal connections that the workspace changed.
+
+    `changed` is called by the file API after each write and fires at once. Terminal output
+    (a `touch`, a compiler) may change files too, so `output` fires too, debounced: once the
+    user's terminals have been quiet for QUIET seconds, or at the latest MAX_DELAY after the
+    first output, so that a client can refresh its file tree without polling.
+    """
+
+    QUIET = 0.3
+    MAX_DELAY = 1.5
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[Callable[[], None]]] = {}
+        self._pending: dict[str, list[float]] = {}  # user id -> [first output, last output]
+
+    def watch(self, user_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` on every change of the user's files; returns the unwatch function."""
+        self._watchers.setdefault(user_id, set()).add(callback)
+
+        def unwatch() -> None:
+            watchers = self._watchers.get(user_id)
+            if watchers is not None:
+                watchers.discard(callback)
+                if not watchers:
+                    del self._watchers[user_id]
+        return unwatch
+
+    def changed(self, user_id: str) -> None:
+        for callback in list(self._watchers.get(user_id, ())):
+            try:
+                callback()
+            except Exception:  # one broken connection must not stop the others hearing of it
+                log.exception("files-changed callback for %s failed", user_id)
+
+    def output(self, user_id: str) -> None:
+        if user_id not in self._watchers:
+            return  # nobody listens: nothing to schedule
+        now = time.monotonic()
+        pending = self._pending.get(user_id)
+        if pending is not None:
+            pending[1] = now
+            return
+        self._pending[user_id] = [now, now]
+        asyncio.get_running_loop().call_later(self.QUIET, self._check, user_id)
+
+    def _check(self, user_id: str) -> None:
+        first, last = self._pending[user_id]
+        now = time.monotonic()
+        if now - last >= self.QUIET or now - first >= self.MAX_DELAY:
+            del self._pending[user_id]
+            self.changed(user_id)
+            return
+        delay = min(last + self.QUIET, first + self.MAX_DELAY) - now
+        asyncio.get_running_loop().call_later(max(delay, 0.01), self._check, user_id)
+
+
 class TerminalHub:
     """All open terminals, by user; opens and closes them through the container backend."""
 
     def __init__(self, backend: ContainerBackend) -> None:
         self.backend = backend
+        self.files = FilesNotifier()
         self._by_user: dict[str, dict[str, Terminal]] = {}
         self._shutting_down = False
         self._background: set[asyncio.Future] = set()
@@ -137,7 +195,7 @@ class TerminalHub:
                 self._on_program_exit(terminal, on_exit)
 
         try:
-            session = PtySession(command.argv, self._timing_first_output(send, started), on_exit=exited,
+            session = PtySession(command.argv, self._observed(send, started, user.user_id), on_exit=exited,
                                  env=attach_env(command), cwd=command.cwd, rows=rows, cols=cols)
         except OSError as exc:
             self._counters["spawn_errors_total"] += 1
@@ -195,8 +253,9 @@ class TerminalHub:
         if self._shutting_down:
             raise BackendError("the server is shutting down")
 
-    def _timing_first_output(self, send: Send, started: float) -> Send:
-        """Wrap `send` to record how long the user waited from connect to first output."""
+    def _observed(self, send: Send, started: float, user_id: str) -> Send:
+        """Wrap `send` to record how long the user waited from connect to first output, and
+        to let the files notifier know that the user's programs are doing something."""
         seen = False
 
         def timed(text: str) -> Awaitable[Any] | None:
@@ -204,6 +263,7 @@ class TerminalHub:
             if not seen:
                 seen = True
                 self._first_output.add(time.monotonic() - started)
+            self.files.output(user_id)
             return send(text)
 
         return timed
