@@ -1,0 +1,203 @@
+"""The web workspace at `/` in a real browser (Debian's chromium, headless, via Playwright)
+against a real server process: sign in, terminals, files, editor, restart and reconnect.
+
+Firefox is not installed on the test machines, so only Chromium is driven here."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import zipfile
+
+import pytest
+
+from .web_browser import body_json, browser_page, require_browser, running_server, session_cookie
+
+PROMPT = re.compile(r"[$#] *$", re.MULTILINE)
+
+
+@pytest.fixture(autouse=True)
+def _browser_available() -> None:
+    require_browser()
+
+
+def screen(page, tab: str):  # noqa: ANN001, ANN201
+    return page.locator(f"#terminal-{tab} .xterm-rows")
+
+
+def sign_in(page, base_url: str, email: str = "student@example.com") -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    page.goto(base_url + "/")
+    expect(page).to_have_url(base_url + "/sign-in")
+    page.fill("#email", email)
+    page.keyboard.press("Enter")  # the form is keyboard-reachable: Enter submits it
+    expect(page).to_have_url(base_url + "/")
+    expect(page.locator("#user")).to_have_text(email)
+
+
+def run_in_terminal(page, tab: str, command: str) -> None:  # noqa: ANN001
+    page.locator(f'.tab-label[data-tab="{tab}"]').click()
+    page.locator(f"#terminal-{tab} .xterm-helper-textarea").focus()
+    page.keyboard.type(command)
+    page.keyboard.press("Enter")
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+def test_workspace_terminals_files_and_editor(backend, tmp_path) -> None:
+    from playwright.sync_api import expect
+
+    with running_server(backend) as server, browser_page(f"workspace-{backend}") as (page, steps):
+        started = time.monotonic()
+        sign_in(page, server.base_url)
+        expect(screen(page, "1")).to_contain_text(PROMPT, timeout=60_000)  # a cold container starts
+        print(f"{backend}: sign-in to first prompt {time.monotonic() - started:.2f} s")
+        expect(page.locator("#connection")).to_have_text("connected")
+        steps.step("first prompt")
+
+        # Two tabs, each running a command.
+        page.get_by_role("button", name="New terminal").click()
+        expect(screen(page, "2")).to_contain_text(PROMPT, timeout=30_000)
+        for tab in ("1", "2"):
+            run_in_terminal(page, tab, "echo hi-$((6*7))")
+            expect(screen(page, tab)).to_contain_text("hi-42")
+        steps.step("two tabs")
+
+        # Resize: the shell sees the new width.
+        run_in_terminal(page, "2", "echo cols=$(tput cols)")
+        expect(screen(page, "2")).to_contain_text(re.compile(r"cols=\d+"))
+        wide = int(re.findall(r"cols=(\d+)", screen(page, "2").inner_text())[-1])
+        page.set_viewport_size({"width": 800, "height": 700})
+        time.sleep(0.5)  # the fit happens on the next frame, the resize frame follows
+        run_in_terminal(page, "2", "echo narrow=$(tput cols)")
+        expect(screen(page, "2")).to_contain_text(re.compile(r"narrow=\d+"))
+        narrow = int(re.findall(r"narrow=(\d+)", screen(page, "2").inner_text())[-1])
+        assert narrow < wide, (narrow, wide)
+        page.set_viewport_size({"width": 1280, "height": 800})
+        run_in_terminal(page, "2", "echo hi-$((6*7))")
+        steps.step("resized")
+
+        # Rename a tab; reload: both tabs come back, with their names and screens.
+        steps.prompt = "build"
+        page.locator('.tab-label[data-tab="2"]').dblclick()
+        expect(page.locator('.tab-label[data-tab="2"]')).to_have_text("build")
+        page.reload()
+        expect(page.locator(".tab-label")).to_have_text(["Terminal 1", "build"])
+        expect(page.locator('.tab-label[data-tab="2"]')).to_have_attribute("aria-selected", "true")
+        expect(screen(page, "2")).to_contain_text("hi-42", timeout=30_000)
+        page.locator('.tab-label[data-tab="1"]').click()
+        expect(screen(page, "1")).to_contain_text("hi-42", timeout=30_000)
+        steps.step("reloaded")
+
+        # The tree follows the terminal, by files-changed events (no polling).
+        run_in_terminal(page, "1", "mkdir -p proj && touch proj/made-in-terminal.txt")
+        page.locator('.entry[data-path="proj/"]').click()
+        expect(page.locator('.entry[data-path="proj/made-in-terminal.txt"]')).to_be_visible()
+        steps.step("tree after touch")
+
+        # Upload through the picker, into the selected folder.
+        upload = tmp_path / "notes.py"
+        upload.write_text("print('uploaded')\n")
+        page.locator("#pick-files").set_input_files(str(upload))
+        expect(page.locator('.entry[data-path="proj/notes.py"]')).to_be_visible()
+        expect(page.locator("#file-message")).to_have_text("uploaded 1 file")
+        steps.step("uploaded")
+
+        # Open, edit, save with Ctrl-S; read it back through the API.
+        page.locator('.entry[data-path="proj/notes.py"]').click()
+        expect(page.locator("#editor-title")).to_have_text("proj/notes.py")
+        expect(page.locator(".cm-content")).to_contain_text("print('uploaded')")
+        expect(page.locator(".cm-content .tok-keyword, .cm-content span[class]").first).to_be_visible()
+        page.locator(".cm-content").click()
+        page.keyboard.press("Control+End")
+        page.keyboard.type("x = 42\n")
+        expect(page.locator("#editor-title")).to_have_text("proj/notes.py ●")
+        page.keyboard.press("Control+s")
+        expect(page.locator("#editor-title")).to_have_text("proj/notes.py")
+        cookie = session_cookie(page)
+        status, body = server.api("/file/proj/notes.py", cookie)
+        assert (status, body) == (200, b"print('uploaded')\nx = 42\n")
+        steps.step("saved")
+
+        # A failed save says so and keeps the marker: the folder went away underneath.
+        run_in_terminal(page, "1", "rm -r proj")
+        page.locator(".cm-content").click()
+        page.keyboard.type("y = 1\n")
+        page.keyboard.press("Control+s")
+        expect(page.locator("#editor-status")).to_contain_text("Not saved")
+        expect(page.locator("#editor-title")).to_contain_text("●")
+        steps.step("save failed")
+
+        # Create, rename, move by drag and drop, download a folder as a zip, delete.
+        steps.prompt = "lib"
+        page.locator('[data-action="new-folder"]').click()
+        expect(page.locator('.entry[data-path="lib/"]')).to_be_visible()
+        steps.prompt = "main.py"
+        page.locator('.entry[data-path="lib/"]').click()  # select and open it
+        page.locator('[data-action="new-file"]').click()
+        expect(page.locator("#editor-title")).to_have_text("lib/main.py")
+        page.locator(".cm-content").click()
+        page.keyboard.type("print('main')")
+        page.keyboard.press("Control+s")
+        expect(page.locator("#editor-title")).to_have_text("lib/main.py")
+        steps.prompt = "app.py"
+        page.locator('.entry[data-path="lib/main.py"]').click()
+        page.locator('[data-action="rename"]').click()
+        expect(page.locator('.entry[data-path="lib/app.py"]')).to_be_visible()
+        expect(page.locator("#editor-title")).to_have_text("lib/app.py")
+        steps.prompt = "dest"
+        page.locator('[data-action="new-folder"]').click()  # inside lib/, the selection's folder
+        expect(page.locator('.entry[data-path="lib/dest/"]')).to_be_visible()
+        page.locator('.entry[data-path="lib/app.py"]').drag_to(page.locator('.entry[data-path="lib/dest/"]'))
+        page.locator('.entry[data-path="lib/dest/"]').click()
+        expect(page.locator('.entry[data-path="lib/dest/app.py"]')).to_be_visible()
+        steps.step("moved")
+
+        page.locator('.entry[data-path="lib/"]').click()
+        with page.expect_download() as download_info:
+            page.locator('[data-action="download"]').click()
+        download = download_info.value
+        assert download.suggested_filename == "lib.zip"
+        with zipfile.ZipFile(io.BytesIO(open(download.path(), "rb").read())) as archive:
+            assert archive.read("dest/app.py") == b"print('main')"
+
+        page.locator('.entry[data-path="lib/"]').click()
+        page.locator('[data-action="delete"]').click()  # confirm() is accepted
+        expect(page.locator('.entry[data-path="lib/"]')).to_have_count(0)
+        assert not [f for f in body_json(server.api("/list-files", cookie)[1])["files"] if f.startswith("lib")]
+        steps.step("deleted")
+
+
+def test_a_tab_reconnects_by_itself_after_a_server_restart() -> None:
+    from playwright.sync_api import expect
+
+    with running_server("local") as server, browser_page("reconnect") as (page, steps):
+        sign_in(page, server.base_url)
+        expect(screen(page, "1")).to_contain_text(PROMPT, timeout=30_000)
+        run_in_terminal(page, "1", "export MARK=still-$((40+2))")
+        steps.step("before restart")
+
+        server.stop()
+        expect(page.locator("#connection")).to_contain_text("offline")
+        steps.step("server down")
+        server.start()
+        expect(page.locator("#connection")).to_have_text("connected", timeout=30_000)
+        run_in_terminal(page, "1", 'echo "mark=$MARK"')
+        expect(screen(page, "1")).to_contain_text("mark=still-42")  # the same shell
+        steps.step("reconnected")
+
+
+def test_the_sign_in_page_and_a_signed_out_workspace() -> None:
+    from playwright.sync_api import expect
+
+    with running_server("local") as server, browser_page("sign-in") as (page, steps):
+        page.goto(server.base_url + "/")
+        expect(page).to_have_url(server.base_url + "/sign-in")
+        expect(page.get_by_label("Email")).to_be_focused()
+        steps.step("sign-in page")
+        sign_in(page, server.base_url)
+        page.get_by_role("button", name="Sign out").click()
+        expect(page).to_have_url(server.base_url + "/sign-in")
+        page.goto(server.base_url + "/")
+        expect(page).to_have_url(server.base_url + "/sign-in")
