@@ -122,6 +122,7 @@ def test_workspace_terminals_files_and_editor(backend, tmp_path) -> None:
 
         # A failed save says so and keeps the marker: the folder went away underneath.
         run_in_terminal(page, "1", "rm -r proj")
+        expect(page.locator('.entry[data-path="proj/"]')).to_have_count(0)
         page.locator(".cm-content").click()
         page.keyboard.type("y = 1\n")
         page.keyboard.press("Control+s")
