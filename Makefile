@@ -37,7 +37,7 @@ image: engine ## build the 3compute image without a registry (cached)
 
 test: setup image web ## the whole suite, against a real Docker engine (and Debian's chromium)
 	@command -v chromium >/dev/null || scripts/build-web.sh --browser
-	REQUIRE_DOCKER=1 $(PY) -m pytest -q -p no:cacheprovider
+	REQUIRE_DOCKER=1 REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup ## the suite without the Docker tests
 	$(PY) -m pytest -q -m "not docker"

@@ -415,3 +415,24 @@ async def test_yes_to_a_stalled_client_keeps_memory_bounded_and_ctrl_c_stops_it(
         await run(term, "echo stopped-$((40+2))", "stopped-42", timeout=20)
     finally:
         await term.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_files_changed_events_for_a_client_that_asks_for_them(sio_url, login, make_client):
+    cookie = await login("files@example.com")
+    watching = Term(sio_url, cookie, tab="1&events=files-changed")
+    plain = Term(sio_url, cookie, tab="2")
+    for term in (watching, plain):
+        term.sio.on("files-changed", lambda data, term=term: term.events.append(("files-changed", data)))
+        await term.connect()
+    try:
+        await run(watching, "echo ready-$((40+2))", "ready-42")
+        client = make_client()
+        client.cookies = dict(c.split("=", 1) for c in cookie.split("; "))
+        assert (await client.fetch("/file/new.txt", method="PUT", body=b"x")).code == 200
+        await until(lambda: ("files-changed", {}) in watching.events, "files-changed", watching)
+        await asyncio.sleep(0.5)
+        assert not [e for e in plain.events if e[0] == "files-changed"]
+    finally:
+        await watching.close()
+        await plain.close()

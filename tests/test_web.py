@@ -16,7 +16,7 @@ import pytest
 
 from threecompute.handlers.web import DIST, sign_in_page
 
-from .conftest import ROOT, body_json
+from .conftest import FRONTEND, ROOT, body_json
 from .terminal_client import TerminalClient
 
 needs_bundle = pytest.mark.skipif(not (DIST / "manifest.json").exists(), reason="web/dist not built (make web)")
@@ -35,7 +35,7 @@ async def test_signed_out_browsers_go_to_sign_in_and_api_clients_get_json(client
 
 def test_the_sign_in_page_without_dev_offers_the_provider_only():
     page = sign_in_page(dev=False, css=None, error="<b>no</b>")
-    assert 'href="/auth/login"' in page and "dev-login" not in page
+    assert 'href="/auth/login?next=/"' in page and "dev-login" not in page
     assert "&lt;b&gt;no&lt;/b&gt;" in page
 
 
@@ -70,7 +70,7 @@ async def test_download_a_folder_as_zip_and_a_file_as_attachment(client, tmp_pat
     await client.fetch("/file/src/pkg/a.py", method="PUT", body=b"print(1)\n")
     await client.fetch("/file/src/b.bin", method="PUT", body=bytes(range(256)) * 100)
     await client.fetch("/file/top.txt", method="PUT", body=b"top")
-    workspace = next((client_dir for client_dir in (tmp_path / "data" / "workspaces").iterdir()))
+    workspace = next((tmp_path / "data" / "workspaces").iterdir())
     os.symlink("/etc/passwd", workspace / "src" / "leak")  # a link to outside is left out
     os.symlink("../top.txt", workspace / "src" / "inside")  # and so is a link to inside
 
@@ -148,3 +148,22 @@ def test_the_pages_own_logic():
                             timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "# fail 0" in result.stdout
+
+
+@pytest.mark.gen_test
+async def test_google_sign_in_from_the_workspace_returns_to_it(client, provider):
+    login = await client.fetch("/auth/login?next=/")
+    authorize = await client.fetch(login.headers["Location"])
+    callback = await client.fetch(authorize.headers["Location"])
+    assert (callback.code, callback.headers["Location"]) == (302, "/")
+    assert (await client.fetch("/auth/me")).code == 200
+    # Without `next` (the React frontend's way) the callback still goes to the frontend.
+    login = await client.fetch("/auth/login")
+    authorize = await client.fetch(login.headers["Location"])
+    callback = await client.fetch(authorize.headers["Location"])
+    assert callback.headers["Location"] == f"{FRONTEND}/"
+    # A foreign `next` is never followed.
+    login = await client.fetch("/auth/login?next=//evil.example/")
+    authorize = await client.fetch(login.headers["Location"])
+    callback = await client.fetch(authorize.headers["Location"])
+    assert callback.headers["Location"] == "/"

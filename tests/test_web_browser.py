@@ -82,7 +82,10 @@ def test_workspace_terminals_files_and_editor(backend, tmp_path) -> None:
         steps.prompt = "build"
         page.locator('.tab-label[data-tab="2"]').dblclick()
         expect(page.locator('.tab-label[data-tab="2"]')).to_have_text("build")
+        started = time.monotonic()
         page.reload()
+        expect(screen(page, "2")).to_contain_text(PROMPT, timeout=30_000)
+        print(f"{backend}: reload to first prompt, warm: {time.monotonic() - started:.2f} s")
         expect(page.locator(".tab-label")).to_have_text(["Terminal 1", "build"])
         expect(page.locator('.tab-label[data-tab="2"]')).to_have_attribute("aria-selected", "true")
         expect(screen(page, "2")).to_contain_text("hi-42", timeout=30_000)
@@ -202,3 +205,37 @@ def test_the_sign_in_page_and_a_signed_out_workspace() -> None:
         expect(page).to_have_url(server.base_url + "/sign-in")
         page.goto(server.base_url + "/")
         expect(page).to_have_url(server.base_url + "/sign-in")
+
+
+def test_keyboard_only_at_200_percent_zoom() -> None:
+    from playwright.sync_api import expect
+
+    with running_server("local") as server, browser_page("keyboard-zoom", zoom=2) as (page, steps):
+        sign_in(page, server.base_url)
+        expect(screen(page, "1")).to_contain_text(PROMPT, timeout=30_000)
+        steps.step("200 % zoom")
+        width = page.viewport_size["width"]
+        for control in ('[data-action="new-file"]', '[data-action="download"]', ".tab-new", "#sign-out",
+                        "#terminal-1"):
+            box = page.locator(control).bounding_box()
+            assert box is not None and box["width"] > 0 and box["x"] + box["width"] <= width + 1, (control, box)
+
+        # Alt+1: the files; Tab walks the toolbar; Enter on "New file" asks for a name.
+        page.keyboard.press("Alt+1")
+        expect(page.locator('[data-action="new-file"]')).to_be_focused()
+        steps.prompt = "kb.txt"
+        page.keyboard.press("Enter")
+        expect(page.locator("#editor-title")).to_have_text("kb.txt")
+        page.keyboard.type("typed")  # the new file's editor has the focus
+        page.keyboard.press("Control+s")
+        expect(page.locator("#editor-title")).to_have_text("kb.txt")
+        assert server.api("/file/kb.txt", session_cookie(page))[1] == b"typed"
+        # Alt+3: the terminal, which keeps Tab for completion.
+        page.keyboard.press("Alt+3")
+        page.keyboard.type("echo kb-$((1+1))")
+        page.keyboard.press("Enter")
+        expect(screen(page, "1")).to_contain_text("kb-2")
+        # Alt+1 then arrows reach the tree's entries.
+        page.keyboard.press("Alt+1")
+        expect(page.locator('.entry[data-path="kb.txt"]')).to_be_focused()
+        steps.step("keyboard")

@@ -151,15 +151,18 @@ class Steps:
 
 
 @contextlib.contextmanager
-def browser_page(name: str) -> Iterator[tuple[object, Steps]]:
-    """A fresh headless chromium (own profile) and one page; screenshots saved if the body fails."""
+def browser_page(name: str, width: int = 1280, height: int = 800, zoom: float = 1) -> Iterator[tuple[object, Steps]]:
+    """A fresh headless chromium (own profile) and one page; screenshots saved if the body fails.
+
+    `zoom` 2 is a 200 % page zoom: half the CSS pixels, each drawn twice as large."""
     from playwright.sync_api import sync_playwright
 
     profile = tempfile.mkdtemp(prefix="3c-chromium-")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 800}, accept_downloads=True)
+            viewport={"width": int(width / zoom), "height": int(height / zoom)}, device_scale_factor=zoom,
+            accept_downloads=True)
         page = context.pages[0] if context.pages else context.new_page()
         steps = Steps(page, name)
         # prompt() answers whatever the test put in steps.prompt; confirm() is accepted.

@@ -13,6 +13,7 @@ from ..identity import COOKIE_NAME, EmailNotVerified, SignInError
 from .base import BaseHandler, HTTPError
 
 STATE_COOKIE = "3compute_oauth_state"
+NEXT_COOKIE = "3compute_oauth_next"  # where the callback goes when sign-in began at this server's page
 MAX_TABS = 50
 EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
 
@@ -40,6 +41,12 @@ class LoginHandler(SessionCookieMixin):
         url, state = self.services.oauth.authorization_url()
         self.set_cookie(STATE_COOKIE, state, expires_days=1 / 144, httponly=True, samesite="Lax",
                         secure=self.services.settings.production)
+        next_path = self.get_query_argument("next", "")
+        if next_path:
+            self.set_cookie(NEXT_COOKIE, safe_next_path(next_path), expires_days=1 / 144, httponly=True,
+                            samesite="Lax", secure=self.services.settings.production)
+        else:
+            self.clear_cookie(NEXT_COOKIE)
         self.redirect(url)
 
 
@@ -53,16 +60,20 @@ class CallbackHandler(SessionCookieMixin):
         if not code:
             raise HTTPError(400, "sign-in code is missing")
         self.clear_cookie(STATE_COOKIE)
+        next_path = self.get_cookie(NEXT_COOKIE)
+        self.clear_cookie(NEXT_COOKIE)
         frontend = self.services.settings.frontend_origin
         try:
             profile = await IOLoop.current().run_in_executor(None, self.services.oauth.finish, code)
         except EmailNotVerified:
-            self.redirect(f"{frontend}/login?error=email_not_verified")
+            self.redirect("/sign-in?error=email_not_verified" if next_path
+                          else f"{frontend}/login?error=email_not_verified")
             return
         except SignInError as exc:
             raise HTTPError(400, str(exc)) from None
         await self.sign_in(profile.user_id, profile.email)
-        self.redirect(f"{frontend}/")
+        # Sign-in from the built-in workspace returns there; otherwise to the frontend.
+        self.redirect(safe_next_path(next_path) if next_path else f"{frontend}/")
 
 
 class DevLoginHandler(SessionCookieMixin):

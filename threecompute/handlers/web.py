@@ -21,6 +21,7 @@ from tornado.escape import xhtml_escape
 from .base import BaseHandler, HTTPError
 
 DIST = Path(__file__).resolve().parents[2] / "web" / "dist"
+SIGN_IN_ERRORS = {"email_not_verified": "Your Google account's email address is not verified."}
 IMMUTABLE = "public, max-age=31536000, immutable"
 COMPRESSIBLE = (".js", ".css", ".html", ".json", ".svg", ".map", ".txt")
 
@@ -123,7 +124,7 @@ class SignInHandler(WebHandler):
     def get(self) -> None:
         dev = self.services.settings.dev
         css = self.bundle.current().manifest.get("app.css")
-        error = self.get_query_argument("error", "")
+        error = SIGN_IN_ERRORS.get(self.get_query_argument("error", ""), "")
         self.page(sign_in_page(dev, f"/{css}" if css else None, error).encode())
 
 
@@ -137,7 +138,7 @@ def sign_in_page(dev: bool, css: str | None, error: str) -> str:
   <button type="submit">Sign in (development)</button>
 </form>"""
     else:
-        action = '<a class="button google" href="/auth/login">Sign in with Google</a>'
+        action = '<a class="button google" href="/auth/login?next=/">Sign in with Google</a>'
     notice = f'<p class="signin-error" role="alert">{xhtml_escape(error)}</p>' if error else ""
     style = f'<link rel="stylesheet" href="{css}">' if css else ""
     return f"""<!doctype html>

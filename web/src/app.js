@@ -48,7 +48,11 @@ async function main() {
   // Alt+1/2/3 move between the three areas: the terminal keeps Tab for itself.
   document.addEventListener('keydown', (event) => {
     if (!event.altKey || event.ctrlKey || event.metaKey) return;
-    const target = { 1: () => $('#tree .entry, #file-toolbar button')?.focus(), 2: () => editor.focus(), 3: () => terminals.focus() }[event.key];
+    const target = {
+      1: () => ($('#tree .entry[aria-selected="true"]') || $('#tree .entry') || $('#file-toolbar button')).focus(),
+      2: () => editor.focus(),
+      3: () => terminals.focus(),
+    }[event.key];
     if (target) {
       event.preventDefault();
       target();

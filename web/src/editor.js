@@ -4,6 +4,7 @@
 import { EditorView, basicSetup } from 'codemirror';
 import { Compartment, EditorState } from '@codemirror/state';
 import { keymap } from '@codemirror/view';
+import { oneDark } from '@codemirror/theme-one-dark';
 import { api } from './api.js';
 import { languageFor } from './state.js';
 
@@ -16,6 +17,8 @@ const LANGUAGES = {
   json: () => import('@codemirror/lang-json').then((m) => m.json()),
   markdown: () => import('@codemirror/lang-markdown').then((m) => m.markdown()),
 };
+
+const MAX_EDIT_BYTES = 5 * 1024 * 1024; // a browser tab stays responsive below this
 
 export class Editor {
   constructor({ host, title, status, saveButton, pane }) {
@@ -41,6 +44,7 @@ export class Editor {
       extensions: [
         keymap.of([{ key: 'Mod-s', preventDefault: true, run: () => { this.save(); return true; } }]),
         basicSetup,
+        oneDark,
         this.language.of([]),
         EditorView.updateListener.of((update) => update.docChanged && this.renderTitle()),
         EditorView.contentAttributes.of({ 'aria-label': 'File contents' }),
@@ -60,6 +64,10 @@ export class Editor {
       const response = await api.read(path);
       if (!(response.headers.get('Content-Type') || '').startsWith('text/plain')) {
         this.say(`${path} is not a text file: download it instead`, true);
+        return;
+      }
+      if (Number(response.headers.get('Content-Length')) > MAX_EDIT_BYTES) {
+        this.say(`${path} is too large to edit here: use the terminal, or download it`, true);
         return;
       }
       text = await response.text();

@@ -118,8 +118,11 @@ export class FileTree {
     row.dataset.path = node.path;
     row.style.paddingLeft = `${0.5 + (level - 1) * 1}rem`;
     row.draggable = true;
-    const icon = node.folder ? (this.expanded.has(node.path) ? '▾' : '▸') : '·';
-    row.textContent = `${icon} ${node.name}`;
+    const icon = document.createElement('span');
+    icon.className = 'icon';
+    icon.setAttribute('aria-hidden', 'true');
+    icon.textContent = node.folder ? (this.expanded.has(node.path) ? '▾ ' : '▸ ') : '· ';
+    row.append(icon, node.name);
     row.onclick = () => this.activate(node);
     row.onkeydown = (event) => this.key(event, node);
     row.ondragstart = (event) => {
