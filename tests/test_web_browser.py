@@ -239,3 +239,42 @@ def test_keyboard_only_at_200_percent_zoom() -> None:
         page.keyboard.press("Alt+1")
         expect(page.locator('.entry[data-path="kb.txt"]')).to_be_focused()
         steps.step("keyboard")
+
+
+def test_drop_files_on_a_folder_and_copy_paste_in_the_terminal() -> None:
+    from playwright.sync_api import expect
+
+    with running_server("local") as server, browser_page("drop-and-clipboard") as (page, steps):
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
+        sign_in(page, server.base_url)
+        expect(screen(page, "1")).to_contain_text(PROMPT, timeout=30_000)
+        steps.prompt = "inbox"
+        page.locator('[data-action="new-folder"]').click()
+        folder = page.locator('.entry[data-path="inbox/"]')
+        expect(folder).to_be_visible()
+
+        # A drop from the desktop: a DataTransfer holding two files, dropped on the folder.
+        transfer = page.evaluate_handle("""() => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File(['one'], 'one.txt', {type: 'text/plain'}));
+            transfer.items.add(new File(['two'], 'two.txt', {type: 'text/plain'}));
+            return transfer;
+        }""")
+        folder.dispatch_event("dragover", {"dataTransfer": transfer})
+        folder.dispatch_event("drop", {"dataTransfer": transfer})
+        expect(page.locator("#file-message")).to_have_text("uploaded 2 files")
+        cookie = session_cookie(page)
+        assert server.api("/file/inbox/two.txt", cookie) == (200, b"two")
+        steps.step("dropped")
+
+        # Copy a word of output (double-click selects it), paste it into the command line.
+        run_in_terminal(page, "1", "echo paste-$((3*3))")
+        expect(screen(page, "1")).to_contain_text("paste-9")
+        word = screen(page, "1").get_by_text("paste-9", exact=True).bounding_box()
+        page.mouse.dblclick(word["x"] + 3, word["y"] + word["height"] / 2)  # the rows take no events
+        page.keyboard.press("Control+Shift+C")
+        page.keyboard.type("echo got-")
+        page.keyboard.press("Control+Shift+V")
+        page.keyboard.press("Enter")
+        expect(screen(page, "1")).to_contain_text("got-paste-9")
+        steps.step("pasted")
