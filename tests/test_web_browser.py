@@ -51,7 +51,9 @@ def test_workspace_terminals_files_and_editor(backend, tmp_path) -> None:
     with running_server(backend) as server, browser_page(f"workspace-{backend}") as (page, steps):
         started = time.monotonic()
         sign_in(page, server.base_url)
-        expect(screen(page, "1")).to_contain_text(PROMPT, timeout=60_000)  # a cold container starts
+        if backend == "docker":  # the new user's container is being made: the page says so
+            expect(page.locator("#connection")).to_contain_text("starting", timeout=10_000)
+        expect(screen(page, "1")).to_contain_text(PROMPT, timeout=60_000)
         print(f"{backend}: sign-in to first prompt {time.monotonic() - started:.2f} s")
         expect(page.locator("#connection")).to_have_text("connected")
         steps.step("first prompt")
