@@ -517,9 +517,9 @@ def test_engine_down_then_back_without_a_new_backend(engine, settings_for, monke
 
 def process_names(backend: DockerBackend, ref: str) -> list[str]:
     """The `comm` of every process in the container, read from the host."""
-    init_pid = backend._get_client().api.inspect_container(ref)["State"]["Pid"]
+    state = backend._get_client().api.inspect_container(ref)
     names = []
-    for host in backend._clients(init_pid)._host_pids().values():
+    for host in backend._clients(state["Id"], state["State"]["Pid"])._host_pids().values():
         with contextlib.suppress(OSError), open(f"/proc/{host}/comm") as comm:
             names.append(comm.read().strip())
     return names

@@ -225,8 +225,8 @@ class DockerBackend(ContainerBackend):
     async def _ensure_locked(self, user: UserRef) -> Box:
         container = await self._run(self._find, user.user_id)
         if container is not None and container.status == "running":
-            if hostside.available():
-                await self._run(self._hang_up_stale, container.attrs["State"]["Pid"])
+            if self._host_side():
+                await self._run(self._hang_up_stale, container.id, container.attrs["State"]["Pid"])
             return Box(user=user, ref=container.id)
         await self._reserve(user.user_id)
         try:
@@ -390,7 +390,7 @@ class DockerBackend(ContainerBackend):
     async def detach(self, box: Box, client_id: str) -> None:
         script = DETACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id))
         self._live_clients.discard(client_id)
-        if hostside.available():
+        if self._host_side():
             try:
                 if await self._run(self._hang_up_from_host, box.ref, client_id):
                     return
@@ -424,23 +424,27 @@ class DockerBackend(ContainerBackend):
         except docker.errors.APIError as exc:  # gone or not running: nothing to do
             log.debug("exec %s in %s: %s", cmd[0], ref[:12], _api_message(exc))
 
-    def _clients(self, init_pid: int) -> hostside.ContainerClients:
-        return hostside.ContainerClients(init_pid, CLIENTS_DIR, CLIENT_ID.fullmatch)
+    def _host_side(self) -> bool:
+        """Whether tmux clients can be ended from the host: root, and the engine on this host."""
+        return hostside.available() and self._engine_url().startswith("unix://")
+
+    def _clients(self, container_id: str, init_pid: int) -> hostside.ContainerClients:
+        return hostside.ContainerClients(container_id, init_pid, CLIENTS_DIR, CLIENT_ID.fullmatch)
 
     def _hang_up_from_host(self, client: docker.DockerClient, ref: str, client_id: str) -> bool:
         """Hang up one recorded client with no process in the container; False if none is recorded."""
-        init_pid = client.api.inspect_container(ref)["State"]["Pid"]
-        if not init_pid:
+        state = client.api.inspect_container(ref)
+        if not state["State"]["Pid"]:
             return True  # not running: no client left to end
-        clients = self._clients(init_pid)
+        clients = self._clients(state["Id"], state["State"]["Pid"])
         mine = [found for found in clients.recorded(time.time()) if found.client_id == client_id]
         clients.hang_up(mine)
         return bool(mine)
 
-    def _hang_up_stale(self, client: docker.DockerClient, init_pid: int) -> None:
+    def _hang_up_stale(self, client: docker.DockerClient, container_id: str, init_pid: int) -> None:
         """Hang up the recorded clients that no terminal of this server owns any more."""
         try:
-            clients = self._clients(init_pid)
+            clients = self._clients(container_id, init_pid)
             stale = [found for found in clients.recorded(time.time())
                      if found.client_id not in self._live_clients and found.age > STALE_CLIENT_SECONDS]
             ended = clients.hang_up(stale)

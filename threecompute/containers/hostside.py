@@ -43,10 +43,15 @@ class Recorded:
 class ContainerClients:
     """The recorded tmux clients of one running container, seen from the host."""
 
-    def __init__(self, init_pid: int, clients_dir: str, is_client_id) -> None:  # noqa: ANN001 - a predicate
+    def __init__(self, container_id: str, init_pid: int, clients_dir: str, is_client_id) -> None:  # noqa: ANN001
+        """Raises OSError unless `init_pid` is, on this host, the init of that container (an
+        engine elsewhere, in a VM say, reports pids that mean nothing here)."""
         self.init_pid = init_pid
         self.clients_dir = clients_dir.removeprefix("/tmp/")
         self.is_client_id = is_client_id
+        with open(f"/proc/{init_pid}/cgroup") as cgroups:
+            if container_id not in cgroups.read():
+                raise OSError(f"pid {init_pid} is not container {container_id[:12]} on this host")
         self.namespace = os.readlink(f"/proc/{init_pid}/ns/pid")
 
     def _open_dir(self) -> int | None:
