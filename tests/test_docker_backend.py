@@ -621,3 +621,26 @@ def test_a_container_full_of_orphaned_clients_recovers_when_its_user_returns(eng
         proc.terminate(force=True)
         proc.close()
         asyncio.run(restarted.detach(box, "returned01"))
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="reaping from the host needs root")
+def test_what_the_user_puts_in_the_clients_folder_reaches_nothing_else(engine, settings_for, monkeypatch):
+    settings = settings_for()
+    backend = DockerBackend(settings)
+    user = make_user(settings, "tricky")
+    box = asyncio.run(backend.ensure(user))
+    container = engine.containers.get(box.ref)
+    # A FIFO (opening it blocking would hang the server), a link to a host file, and the pid of
+    # a process that is not a tmux client (tini, pid 1), each under a name like a client id.
+    code, out = run_in(container, "sh", "-c", f"mkdir -p {CLIENTS_DIR} && cd {CLIENTS_DIR} && mkfifo fifo0000001 "
+                                              "&& ln -s /etc/hostname link0000001 && echo 1 > init0000001")
+    assert code == 0, out
+    monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)
+    started = time.monotonic()
+    asyncio.run(backend.ensure(user))
+    asyncio.run(backend.detach(box, "init0000001"))
+    assert time.monotonic() - started < 10
+    assert container.reload() or container.status == "running", "tini was signalled"
+    left = run_in(container, "ls", "-A", CLIENTS_DIR)[1].split()
+    assert "init0000001" not in left and {"fifo0000001", "link0000001"} <= set(left), left
