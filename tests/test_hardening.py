@@ -116,7 +116,7 @@ def file_parts(boundary: str, count: int, size: int = 10) -> bytes:
         + b"x" * size + b"\r\n" for i in range(count))
 
 
-async def wait_for(condition, timeout: float = 20.0, what: str = "") -> None:
+async def wait_for(condition, timeout: float = 30.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -136,14 +136,14 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> byte
 async def test_an_upload_of_many_files_holds_one_descriptor(make_client, data_dir, http_port):
     attacker, bystander = await signed_in(make_client, ATTACKER), await signed_in(make_client, BYSTANDER)
     await attacker.fetch("/list-files")
-    count, boundary = 1000, uuid.uuid4().hex
+    count, boundary = 500, uuid.uuid4().hex
     parts = file_parts(boundary, count)
     temp = temp_of(data_dir, ATTACKER)
     async with Bystander(bystander) as watch:
         before = open_fds()
         # Every part but the closing boundary: the server holds all of them, waiting for the end.
         reader, writer = await raw(http_port, upload_head("/upload", attacker, boundary, len(parts) + 100), parts)
-        await wait_for(lambda: len(os.listdir(temp)) == count, what=f"{count} temporary files")
+        await wait_for(lambda: len(os.listdir(temp)) == count, timeout=90, what=f"{count} temporary files")
         during = open_fds()
         writer.close()
         await wait_for(lambda: not os.listdir(temp), what="the temporary files to go")
