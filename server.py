@@ -13,7 +13,7 @@ import sys
 
 from tornado.httpserver import HTTPServer
 
-from threecompute.app import MAX_BODY_BYTES, make_app
+from threecompute.app import make_app, server_options
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
 from threecompute.settings import ConfigError, Settings, load_settings
@@ -24,7 +24,7 @@ log = logging.getLogger("threecompute")
 async def serve(settings: Settings) -> None:
     services = build_services(settings)
     await services.backend.start()
-    server = HTTPServer(make_app(services), max_body_size=MAX_BODY_BYTES, xheaders=True)
+    server = HTTPServer(make_app(services), xheaders=True, **server_options())
     try:
         server.listen(settings.port, settings.host)
     except OSError as exc:
@@ -52,7 +52,7 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
 
 
 def raise_open_file_limit() -> None:
-    """Each terminal holds a PTY and each file in an upload two descriptors: allow the hard limit."""
+    """Each terminal holds a PTY and each connection a socket: allow the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -511,3 +511,136 @@ def test_engine_down_then_back_without_a_new_backend(engine, settings_for, monke
         assert (await backend.health())["ok"] is True
 
     asyncio.run(scenario())
+
+
+# -- a container at its pids limit ----------------------------------------------------------
+
+def process_names(backend: DockerBackend, ref: str) -> list[str]:
+    """The `comm` of every process in the container, read from the host."""
+    state = backend._get_client().api.inspect_container(ref)
+    names = []
+    for host in backend._clients(state["Id"], state["State"]["Pid"])._host_pids().values():
+        with contextlib.suppress(OSError), open(f"/proc/{host}/comm") as comm:
+            names.append(comm.read().strip())
+    return names
+
+
+def pids_in_use(backend: DockerBackend, ref: str) -> int:
+    """The container's pids cgroup count (threads included), read from the host."""
+    init_pid = backend._get_client().api.inspect_container(ref)["State"]["Pid"]
+    with open(f"/proc/{init_pid}/cgroup") as cgroups:
+        for line in cgroups.read().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for base in (["/sys/fs/cgroup/pids"] if "pids" in controllers.split(",") else
+                         ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] if controllers == "" else []):
+                with contextlib.suppress(OSError), open(f"{base}{path}/pids.current") as current:
+                    return int(current.read())
+    raise AssertionError("no pids cgroup found")
+
+
+def tmux_client_count(backend: DockerBackend, ref: str) -> int:
+    return sum(name.startswith("tmux") and "server" not in name for name in process_names(backend, ref))
+
+
+def fill_pids(proc: ptyprocess.PtyProcess, backend: DockerBackend, ref: str, limit: int) -> None:
+    """From the tab's shell, start exactly the sleeps that take the container to its pids limit
+    (a shell that fails to fork retries for a long time, so none may fail)."""
+    missing = limit - pids_in_use(backend, ref)
+    proc.write(f"i=0; while [ $i -lt {missing} ]; do sleep 600 & i=$((i+1)); done; echo fi''lled\r".encode())
+    read_until(proc, "filled", timeout=30)
+
+
+def cannot_fork(container) -> bool:
+    """An exec still starts (joining a full pids cgroup is allowed), but cannot fork."""
+    try:
+        return "forked" not in container.exec_run(["sh", "-c", "echo $(echo forked)"]).output.decode()
+    except docker.errors.APIError:
+        return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="detaching from the host needs root")
+def test_detach_works_in_a_container_at_its_pids_limit(engine, settings_for):
+    settings = settings_for(container_pids=24)
+    backend, user = DockerBackend(settings), None
+    user = make_user(settings, "full")
+    box = asyncio.run(backend.ensure(user))
+    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, "1", "fullpids01").argv, dimensions=(24, 80))
+    try:
+        proc.write(b"echo hi-$((40+2))\r")
+        read_until(proc, "hi-42")
+        fill_pids(proc, backend, box.ref, 24)
+        assert cannot_fork(engine.containers.get(box.ref)), "the container can still fork"
+        assert tmux_client_count(backend, box.ref) == 1
+    finally:
+        proc.terminate(force=True)
+        proc.close()
+    asyncio.run(backend.detach(box, "fullpids01"))
+    assert wait_until(lambda: tmux_client_count(backend, box.ref) == 0), process_names(backend, box.ref)
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="reaping from the host needs root")
+def test_a_container_full_of_orphaned_clients_recovers_when_its_user_returns(engine, settings_for, monkeypatch):
+    settings = settings_for(container_pids=24)
+    crashed = DockerBackend(settings)  # a server that went away without detaching its terminals
+    user = make_user(settings, "orphans")
+    box = asyncio.run(crashed.ensure(user))
+    procs = [ptyprocess.PtyProcess.spawn(crashed.attach_command(box, "1", f"orphan{n:04d}").argv, dimensions=(24, 80))
+             for n in range(4)]
+    try:
+        for n, proc in enumerate(procs):
+            proc.write(f"echo up-{n}-$((1+1))\r".encode())
+            read_until(proc, f"up-{n}-2")
+        fill_pids(procs[0], crashed, box.ref, 24)
+        assert cannot_fork(engine.containers.get(box.ref)), "the container can still fork"
+    finally:
+        for proc in procs:
+            proc.terminate(force=True)
+            proc.close()
+    assert tmux_client_count(crashed, box.ref) == 4, "the clients outlive their docker exec"
+
+    monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)
+    restarted = DockerBackend(settings)
+    box = asyncio.run(restarted.ensure(user))
+    assert wait_until(lambda: tmux_client_count(restarted, box.ref) == 0), process_names(restarted, box.ref)
+    proc = ptyprocess.PtyProcess.spawn(restarted.attach_command(box, "1", "returned01").argv, dimensions=(24, 80))
+    try:
+        proc.write(b"echo back-$((40+2))\r")
+        read_until(proc, "back-42", timeout=20)
+    finally:
+        proc.terminate(force=True)
+        proc.close()
+        asyncio.run(restarted.detach(box, "returned01"))
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="reaping from the host needs root")
+def test_what_the_user_puts_in_the_clients_folder_reaches_nothing_else(engine, settings_for, monkeypatch):
+    settings = settings_for()
+    backend = DockerBackend(settings)
+    user = make_user(settings, "tricky")
+    box = asyncio.run(backend.ensure(user))
+    container = engine.containers.get(box.ref)
+    # A FIFO (opening it blocking would hang the server), a link to a host file, and the pid of
+    # a process that is not a tmux client (tini, pid 1), each under a name like a client id.
+    code, out = run_in(container, "sh", "-c", f"mkdir -p {CLIENTS_DIR} && cd {CLIENTS_DIR} && mkfifo fifo0000001 "
+                                              "&& ln -s /etc/hostname link0000001 && echo 1 > init0000001")
+    assert code == 0, out
+    monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)
+    started = time.monotonic()
+    asyncio.run(backend.ensure(user))
+    asyncio.run(backend.detach(box, "init0000001"))
+    assert time.monotonic() - started < 10
+    assert container.reload() or container.status == "running", "tini was signalled"
+    left = run_in(container, "ls", "-A", CLIENTS_DIR)[1].split()
+    assert "init0000001" not in left and {"fifo0000001", "link0000001"} <= set(left), left

@@ -552,7 +552,7 @@ def test_everything_created_is_owned_by_the_container_user(tmp_path: Path) -> No
     ws = Workspaces(tmp_path / "workspaces", owner=CONTAINER_OWNER, list_ttl=0).for_user("u")
     writer = ws.open_writer("up/load/file.txt", make_parents=True)
     writer.write(b"x")
-    temp = [p for p in (ws.root / "up" / "load").iterdir()]
+    temp = list(ws.temp_dir.iterdir())
     temp_owner = [(os.stat(p).st_uid, os.stat(p).st_gid) for p in temp]
     writer.commit()
     ws.create("made/folder/")

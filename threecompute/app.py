@@ -13,7 +13,18 @@ from .handlers.socketio import socketio_routes
 from .handlers.web import web_routes
 from .services import Services
 
-MAX_BODY_BYTES = 32 * 1024 * 1024  # non-streamed bodies; uploads raise their own limit
+# What the HTTP server reads of a body at most. Every BaseHandler lowers it for its request
+# (16 KiB; uploads raise it only after authentication); Socket.IO's polling POSTs carry
+# terminal frames of up to 1 MiB.
+MAX_BODY_BYTES = 2 * terminal.MAX_FRAME_BYTES
+IDLE_CONNECTION_SECONDS = 60.0  # headers of a new request, and keep-alive between requests
+BODY_TIMEOUT_SECONDS = 30.0  # a whole body; uploads get longer, and an idle limit of their own
+
+
+def server_options() -> dict[str, float]:
+    """The HTTPServer's limits on slow or large requests (server.py and the tests' server)."""
+    return {"max_body_size": MAX_BODY_BYTES, "idle_connection_timeout": IDLE_CONNECTION_SECONDS,
+            "body_timeout": BODY_TIMEOUT_SECONDS}
 
 
 QUIET_PATHS = {"/list-files", "/healthz", "/metrics"}  # polled: 100 lines a second for a class of 30

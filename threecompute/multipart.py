@@ -5,7 +5,9 @@ one is fed the body chunk by chunk as it arrives. Each file part's bytes go stra
 opened for it (an `AtomicWriter`, say) and only a boundary's length of bytes is held back, in
 case a delimiter is split between chunks, so memory stays O(chunk size) whatever the part size.
 A sink is committed when its part ends; on any error every uncommitted sink is aborted, so a
-failed upload leaves no half-written file. Small non-file fields are collected as text.
+failed upload leaves no half-written file. Small non-file fields are collected as text, at
+most `max_fields` of them and `max_fields_bytes` in all, so memory stays bounded whatever the
+body holds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from urllib.parse import unquote
 
 
 class MultipartError(Exception):
-    """The body is not well-formed multipart/form-data (or ended early)."""
+    """The body is not well-formed multipart/form-data (or ended early), or is over a limit
+    (`status` 413)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class FileSink(Protocol):
@@ -74,10 +81,15 @@ class MultipartParser:
     """Feed it the body in chunks of any size; see `fields` and `files` once finished."""
 
     def __init__(self, boundary: bytes, open_file: Callable[[str, str], FileSink],
-                 max_field_bytes: int = 64 * 1024, max_header_bytes: int = 16 * 1024) -> None:
+                 max_field_bytes: int = 64 * 1024, max_header_bytes: int = 16 * 1024,
+                 max_fields: int = 64, max_fields_bytes: int = 256 * 1024) -> None:
         self._delimiter = b"\r\n--" + boundary
         self._open_file = open_file
         self._max_field_bytes = max_field_bytes
+        self._max_fields = max_fields
+        self._max_fields_bytes = max_fields_bytes
+        self._fields_count = 0
+        self._fields_bytes = 0
         self._max_header_bytes = max_header_bytes
         # The first delimiter has no CRLF before it; supplying one lets a single search find all.
         self._buffer = bytearray(b"\r\n")
@@ -195,6 +207,10 @@ class MultipartParser:
         if kind != "form-data" or "name" not in params:
             raise MultipartError("a part lacks Content-Disposition: form-data with a name")
         self._name, self._filename = params["name"], _filename(params)
+        if not self._filename:  # a text field, or an empty file input: both count as fields
+            self._fields_count += 1
+            if self._fields_count > self._max_fields:
+                raise MultipartError(f"more than {self._max_fields} form fields", 413)
         if self._filename is not None:
             self._sink = self._open_file(self._name, self._filename) if self._filename else Discard()
 
@@ -203,8 +219,11 @@ class MultipartParser:
             self._sink.write(data)
             return
         self._field += data
+        self._fields_bytes += len(data)
         if len(self._field) > self._max_field_bytes:
-            raise MultipartError(f"form field {self._name!r} is too long")
+            raise MultipartError(f"form field {self._name!r} is longer than {self._max_field_bytes} bytes", 413)
+        if self._fields_bytes > self._max_fields_bytes:
+            raise MultipartError(f"form fields larger than {self._max_fields_bytes} bytes in all", 413)
 
     def _end_part(self) -> None:
         if self._sink is not None:

@@ -12,6 +12,7 @@ from .containers import make_backend
 from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
 from .identity import OAuthClient, TokenCodec
+from .limits import UserLimits
 from .pty.hub import TerminalHub
 from .settings import Settings
 from .store import Store, User
@@ -32,6 +33,7 @@ class Services:
     deployer: Deployer
     file_executor: ThreadPoolExecutor
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
+    limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
 
     def user_ref(self, user: User) -> UserRef:
         return UserRef(user_id=user.id, port_start=user.port_start,

@@ -1,44 +1,50 @@
 """One multipart upload request as a batch: every file lands, or none does.
 
-The parser streams each file part into its own temporary file as the bytes arrive; the
-batch holds back the renames until the whole body has been read and parsed, so a request
-that fails half-way (a bad name in the tenth file, a client that hangs up) changes nothing.
+The parser streams each file part into its own temporary file as the bytes arrive, and that
+file is closed when its part ends, so a batch holds one descriptor however many files it
+carries. The batch holds back the renames until the whole body has been read and parsed, so
+a request that fails half-way (a bad name in the tenth file, a client that hangs up) changes
+nothing: its temporary files are removed, and so are the folders it made, if still empty.
 """
 
 from __future__ import annotations
 
 import posixpath
+import threading
 
 from .multipart import Discard, MultipartParser
 from .workspace import AtomicWriter, Workspace, WorkspaceError
 
 FILE_FIELD = "files"
-MAX_FILES = 5000  # each held file costs two descriptors until the batch lands
+MAX_FILES = 5000  # each costs a temporary file (not a descriptor) until the batch lands
 
 
 class _HeldWriter:
-    """Writes through at once; `commit` only marks the file ready for the batch."""
+    """Writes through at once; the part's end only closes the file, ready for the batch."""
 
     def __init__(self, writer: AtomicWriter) -> None:
         self.writer = writer
-        self.ready = False
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 
     def commit(self) -> None:
-        self.ready = True
+        self.writer.close()
 
     def abort(self) -> None:
         self.writer.abort()
 
 
 class UploadBatch:
+    """Thread-safe: `abort` from one thread waits for a `feed` in progress in another."""
+
     def __init__(self, workspace: Workspace, boundary: bytes, keep_folders: bool) -> None:
         self.workspace = workspace
         self.keep_folders = keep_folders
         self.parser = MultipartParser(boundary, self._open_file)
         self._held: list[_HeldWriter] = []
+        self._created: list[str] = []  # folders this batch made, parents first
+        self._lock = threading.Lock()
 
     def _open_file(self, field: str, filename: str) -> _HeldWriter | Discard:
         if field != FILE_FIELD:
@@ -48,26 +54,33 @@ class UploadBatch:
         name = filename if self.keep_folders else base_name(filename)
         if not name:
             raise WorkspaceError(400, "an uploaded file has no name")
-        held = _HeldWriter(self.workspace.open_writer(name, make_parents=self.keep_folders))
+        writer = self.workspace.open_writer(name, make_parents=self.keep_folders, created=self._created)
+        held = _HeldWriter(writer)
         self._held.append(held)
         return held
 
     def feed(self, chunk: bytes) -> None:
-        self.parser.feed(chunk)
+        with self._lock:
+            self.parser.feed(chunk)
 
     def finish(self) -> int:
         """Parse the end of the body and put every file in place; returns how many."""
-        self.parser.finish()
-        if not self._held:
-            raise WorkspaceError(400, f"no files in the '{FILE_FIELD}' field")
-        for held in self._held:
-            held.writer.commit()
-        return len(self._held)
+        with self._lock:
+            self.parser.finish()
+            if not self._held:
+                raise WorkspaceError(400, f"no files in the '{FILE_FIELD}' field")
+            for held in self._held:
+                held.writer.commit()
+            return len(self._held)
 
     def abort(self) -> None:
-        self.parser.abort()
-        for held in self._held:
-            held.abort()
+        with self._lock:
+            self.parser.abort()
+            for held in self._held:
+                held.abort()
+            if self._created:
+                self.workspace.remove_empty_folders(self._created)
+                self._created.clear()
 
     def field(self, name: str) -> str | None:
         values = self.parser.fields.get(name)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import codecs
 import errno
+import json
 import mimetypes
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -28,9 +28,11 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,7 +47,8 @@ IMAGE_TYPES = frozenset({
     "image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/x-ms-bmp",
     "image/x-icon", "image/vnd.microsoft.icon",
 })
-_TEMP_NAME = re.compile(r"^\.3compute-[0-9a-f]{16}\.tmp$")
+# The listing answers at most this many entries (shallowest first); see `Listing`.
+MAX_LISTED_ENTRIES = 10_000
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _ERRNO_ANSWERS = {
     errno.ENOENT: (404, "no such file or folder"),
@@ -172,28 +175,27 @@ class _Entry:
 
 
 class AtomicWriter:
-    """A new version of one file, invisible until `commit` swaps it in whole.
+    """A new version of one file, invisible until `commit` puts it in place whole.
 
-    The bytes go to a temporary file in the same folder (owned and moded like the final
-    file from the start); `commit` fsyncs it and renames it over the old one, so a reader
-    sees the old content or the new, never a mix. Used as a context manager it aborts
-    unless committed.
+    The bytes go to a temporary file in the user's temporary folder (`DATA_DIR/tmp/<user>/`:
+    outside the workspace, so no user file can be mistaken for one, and on the same
+    filesystem, so the final rename is atomic), owned and moded like the final file from the
+    start. `close` ends the writing and gives back the descriptor, keeping only the temporary
+    file's name: an upload of thousands of files holds one descriptor at a time. `commit`
+    closes if needed, resolves the destination again (safely, as at opening) and renames the
+    file over it, so a reader sees the old content or the new, never a mix. Used as a context
+    manager it aborts unless committed. Thread-safe: an abort from another thread waits for a
+    write in progress.
     """
 
-    def __init__(self, folder_fd: int, name: str, mode: int, owner: Owner | None,
-                 on_commit: Callable[[], None]) -> None:
-        self._folder = os.dup(folder_fd)
-        self._name = name
-        self._temp = f".3compute-{secrets.token_hex(8)}.tmp"
-        self._on_commit = on_commit
+    def __init__(self, temp_dir: Path, mode: int, owner: Owner | None,
+                 place: Callable[[str], None]) -> None:
+        self._temp = str(temp_dir / f"{secrets.token_hex(8)}.tmp")
+        self._place = place
+        self._lock = threading.Lock()
         self._done = False
-        try:
-            fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=self._folder)
-        except BaseException:
-            os.close(self._folder)
-            raise
-        self._file = os.fdopen(fd, "wb")
+        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")
         try:
             _apply_ownership(fd, mode, owner)
         except BaseException:
@@ -201,42 +203,73 @@ class AtomicWriter:
             raise
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        with self._lock:
+            if self._file is None:
+                raise ValueError("writer already closed")
+            self._file.write(data)
+
+    def close(self) -> None:
+        """No more bytes: flush them to disk and give back the descriptor."""
+        with self._lock:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                file.close()
 
     @_os_errors()
     def commit(self) -> None:
-        if self._done:
-            raise ValueError("writer already finished")
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._temp, self._name, src_dir_fd=self._folder, dst_dir_fd=self._folder)
-            os.fsync(self._folder)  # makes the rename itself survive a crash
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        os.close(self._folder)
-        self._on_commit()
+        with self._lock:
+            if self._done:
+                raise ValueError("writer already finished")
+            try:
+                self._close_file()
+                self._place(self._temp)
+            except BaseException:
+                self._discard()
+                raise
+            self._done = True
 
     def abort(self) -> None:
+        with self._lock:
+            self._discard()
+
+    def _discard(self) -> None:
         if self._done:
             return
         self._done = True
-        self._file.close()
-        try:
-            os.unlink(self._temp, dir_fd=self._folder)
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(self._folder)
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+        with suppress(FileNotFoundError):
+            os.unlink(self._temp)
 
     def __enter__(self) -> AtomicWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.abort()
+
+
+@dataclass
+class Listing:
+    """A workspace's entries, and whether `MAX_LISTED_ENTRIES` cut them short."""
+
+    files: list[str]
+    truncated: bool = False
+
+    @cached_property
+    def json(self) -> bytes:
+        """`{"files": [...]}` (plus `"truncated": true` when cut short), encoded once per listing."""
+        body: dict = {"files": self.files}
+        if self.truncated:
+            body |= {"truncated": True, "limit": MAX_LISTED_ENTRIES}
+        return json.dumps(body).encode()
 
 
 class _ListCache:
@@ -247,11 +280,11 @@ class _ListCache:
         self._lock = threading.Lock()
         # One listing at a time per workspace: the polls that queue behind it get its result.
         self._scan_lock = threading.Lock()
-        self._value: list[str] | None = None
+        self._value: Listing | None = None
         self._taken = 0.0
         self._generation = 0
 
-    def get(self, scan: Callable[[], list[str]]) -> list[str]:
+    def get(self, scan: Callable[[], Listing]) -> Listing:
         with self._scan_lock:
             with self._lock:
                 if self._value is not None and time.monotonic() - self._taken < self._ttl:
@@ -273,8 +306,9 @@ class _ListCache:
 class Workspace:
     """One user's workspace; get it from `Workspaces.for_user`."""
 
-    def __init__(self, root: Path, owner: Owner | None, list_ttl: float) -> None:
+    def __init__(self, root: Path, owner: Owner | None, list_ttl: float, temp_dir: Path) -> None:
         self.root = root
+        self.temp_dir = temp_dir
         self._root_real = os.path.realpath(root)
         self._owner = owner
         self._listing = _ListCache(list_ttl)
@@ -286,6 +320,10 @@ class Workspace:
 
         The list is shared with other callers until the cache expires: don't modify it.
         """
+        return self.listing().files
+
+    def listing(self) -> Listing:
+        """`list_files` with its truncation flag: at most MAX_LISTED_ENTRIES, shallowest first."""
         return self._listing.get(self._scan)
 
     @_os_errors()
@@ -305,19 +343,54 @@ class Workspace:
         return FileInfo(Path(real), status.st_size, media, attachment)
 
     @_os_errors()
-    def open_writer(self, rel: str, make_parents: bool = False) -> AtomicWriter:
-        """A writer that replaces (or creates) the file; a link inside is written through."""
+    def open_writer(self, rel: str, make_parents: bool = False, created: list[str] | None = None) -> AtomicWriter:
+        """A writer that replaces (or creates) the file; a link inside is written through.
+
+        Folders this makes (with `make_parents`) are appended to `created`, parents first.
+        """
         parts = _split_path(rel)
-        with self._parent_of(parts, create=make_parents) as (parent, name):
+        with self._write_target(parts, make_parents, created) as (parent, name, entry):
+            if entry is not None and entry.is_dir:
+                raise WorkspaceError(400, "that is a folder")
+            # Replacing a file keeps its permissions, so a script stays executable.
+            mode = entry.mode if entry is not None else FILE_MODE
+        return AtomicWriter(self.temp_dir, mode, self._owner,
+                            lambda temp: self._place(temp, parts, make_parents, created))
+
+    def _place(self, temp: str, parts: list[str], make_parents: bool, created: list[str] | None) -> None:
+        """Rename a finished temporary file over the destination, resolved afresh."""
+        with self._write_target(parts, make_parents, created) as (parent, name, entry):
+            if entry is not None and entry.is_dir:
+                raise WorkspaceError(400, "that is a folder")
+            os.replace(temp, name, dst_dir_fd=parent)
+            os.fsync(parent)  # makes the rename itself survive a crash
+        self._listing.invalidate()
+
+    @contextmanager
+    def _write_target(self, parts: list[str], make_parents: bool,
+                      created: list[str] | None) -> Iterator[tuple[int, str, _Entry | None]]:
+        """(parent descriptor, name, what is there) of the file a write to `parts` replaces."""
+        with self._parent_of(parts, create=make_parents, created=created) as (parent, name):
             entry = self._probe(parent, name)
             if entry is None or not entry.is_link or entry.is_dir:
-                return self._writer(parent, name, entry)
+                yield parent, name, entry
+                return
         assert entry.target is not None
         with self._parent_of(self._relative(entry.target)) as (parent, name):
             entry = self._probe(parent, name)
             if entry is not None and entry.is_link:
                 raise WorkspaceError(400, "a link changed while being written through")
-            return self._writer(parent, name, entry)
+            yield parent, name, entry
+
+    def remove_empty_folders(self, folders: list[str]) -> None:
+        """Undo `created`: remove each folder, deepest first, if it is still an empty folder."""
+        for rel in reversed(folders):
+            try:
+                with self._parent_of(_split_path(rel)) as (parent, name):
+                    os.rmdir(name, dir_fd=parent)  # refuses links, files and non-empty folders
+            except (OSError, WorkspaceError):
+                pass
+        self._listing.invalidate()
 
     @_os_errors()
     def create(self, rel: str) -> None:
@@ -420,21 +493,25 @@ class Workspace:
         return real[len(self._root_real) + 1:].split("/") if real != self._root_real else []
 
     @contextmanager
-    def _parent_of(self, parts: list[str], create: bool = False) -> Iterator[tuple[int, str]]:
-        """(descriptor of the checked parent folder, final name); missing folders made on request."""
+    def _parent_of(self, parts: list[str], create: bool = False,
+                   created: list[str] | None = None) -> Iterator[tuple[int, str]]:
+        """(descriptor of the checked parent folder, final name); missing folders made on
+        request, and named in `created` when given."""
         if not parts:
             raise WorkspaceError(400, "a file path is required")
-        fd = self._open_folder(parts[:-1], create)
+        fd = self._open_folder(parts[:-1], create, created)
         try:
             yield fd, parts[-1]
         finally:
             os.close(fd)
 
-    def _open_folder(self, parts: list[str], create: bool) -> int:
+    def _open_folder(self, parts: list[str], create: bool, created: list[str] | None = None) -> int:
         fd = os.open(self._root_real, _FOLDER_FLAGS)
         try:
-            for name in parts:
-                child = self._open_child_folder(fd, name, create)
+            for depth, name in enumerate(parts):
+                child, made = self._open_child_folder(fd, name, create)
+                if made and created is not None:
+                    created.append("/".join(parts[: depth + 1]))
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -442,27 +519,29 @@ class Workspace:
             raise
         return fd
 
-    def _open_child_folder(self, parent: int, name: str, create: bool) -> int:
+    def _open_child_folder(self, parent: int, name: str, create: bool) -> tuple[int, bool]:
+        """(descriptor, whether this call made the folder)."""
+        made = False
         try:
             fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             if not create:
                 raise WorkspaceError(404, "folder not found") from None
-            fd = self._make_or_open_folder(parent, name)
+            fd, made = self._make_or_open_folder(parent, name)
         except NotADirectoryError:
             raise WorkspaceError(409 if create else 404, f"{name!r} is not a folder") from None
         if not self._inside(_fd_path(fd)):
             os.close(fd)
             raise WorkspaceError(400, OUTSIDE)
-        return fd
+        return fd, made
 
-    def _make_or_open_folder(self, parent: int, name: str) -> int:
+    def _make_or_open_folder(self, parent: int, name: str) -> tuple[int, bool]:
         try:
-            return self._new_folder(parent, name)
+            return self._new_folder(parent, name), True
         except FileExistsError:
             pass  # made meanwhile by a concurrent request, or a link that leads nowhere
         try:
-            return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+            return os.open(name, _FOLDER_FLAGS, dir_fd=parent), False
         except FileNotFoundError:
             raise WorkspaceError(400, OUTSIDE) from None
 
@@ -504,13 +583,6 @@ class Workspace:
 
     # --- helpers of the operations ---
 
-    def _writer(self, parent: int, name: str, entry: _Entry | None) -> AtomicWriter:
-        if entry is not None and entry.is_dir:
-            raise WorkspaceError(400, "that is a folder")
-        # Replacing a file keeps its permissions, so a script stays executable.
-        mode = entry.mode if entry is not None else FILE_MODE
-        return AtomicWriter(parent, name, mode, self._owner, self._listing.invalidate)
-
     @staticmethod
     def _remove(parent: int, name: str, entry: _Entry) -> None:
         if entry.is_folder:
@@ -518,17 +590,22 @@ class Workspace:
         else:
             os.unlink(name, dir_fd=parent)
 
-    def _scan(self) -> list[str]:
+    def _scan(self) -> Listing:
+        # Breadth first, so that a listing cut short keeps the entries nearest the root.
         found: list[str] = []
-        pending = [""]
+        pending = deque([""])
         while pending:
-            folder = pending.pop()
+            if len(found) > MAX_LISTED_ENTRIES:
+                break
+            folder = pending.popleft()
             fd = self._open_exact_folder(folder)
             if fd is None:
                 continue
             try:
                 with os.scandir(fd) as entries:
                     for entry in entries:
+                        if len(found) > MAX_LISTED_ENTRIES:
+                            break
                         rel = folder + entry.name
                         if entry.is_symlink():
                             suffix = self._link_suffix(fd, entry.name)
@@ -537,12 +614,15 @@ class Workspace:
                         elif entry.is_dir(follow_symlinks=False):
                             found.append(rel + "/")
                             pending.append(rel + "/")
-                        elif not _TEMP_NAME.match(entry.name):
+                        else:
                             found.append(rel)
             finally:
                 os.close(fd)
+        truncated = len(found) > MAX_LISTED_ENTRIES
+        if truncated:
+            del found[MAX_LISTED_ENTRIES:]
         found.sort()
-        return found
+        return Listing(found, truncated)
 
     def _open_exact_folder(self, folder: str) -> int | None:
         """The folder at `folder`, or None if it went away or a link was swapped in for it."""
@@ -585,7 +665,7 @@ def _zip_folder(archive: zipfile.ZipFile, folder_fd: int, prefix: str) -> None:
                 _zip_folder(archive, child, prefix + name + "/")
             finally:
                 os.close(child)
-        elif is_file and not _TEMP_NAME.match(name):
+        elif is_file:
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
             except OSError:
@@ -607,6 +687,8 @@ class Workspaces:
 
     def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25) -> None:
         self.base_dir = base_dir
+        # Beside the workspaces (DATA_DIR/tmp), so that renames into them stay on one filesystem.
+        self.temp_base = base_dir.parent / "tmp"
         self._owner = owner
         self._list_ttl = list_ttl
         self._lock = threading.Lock()
@@ -616,9 +698,21 @@ class Workspaces:
         with self._lock:
             workspace = self._workspaces.get(user_id)
             if workspace is None:
-                workspace = Workspace(self._make_root(user_id), self._owner, self._list_ttl)
+                workspace = Workspace(self._make_root(user_id), self._owner, self._list_ttl,
+                                      self._make_temp_dir(user_id))
                 self._workspaces[user_id] = workspace
             return workspace
+
+    def _make_temp_dir(self, user_id: str) -> Path:
+        """The user's temporary folder, emptied of what an earlier run left half-written.
+
+        Only the server uses it (it is not in the workspace, nor in the container), so plain
+        paths are safe in it.
+        """
+        temp = self.temp_base / user_id
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(mode=0o700, parents=True)
+        return temp
 
     def _make_root(self, user_id: str) -> Path:
         if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:

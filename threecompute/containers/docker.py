@@ -21,6 +21,10 @@ Terminals. A tab is `docker exec -it <container> sh -c '... exec tmux new-sessio
 Docker does not end an exec's processes when the `docker exec` client goes away, so the
 wrapper records its pid (the tmux client's, after `exec`) in /tmp/.3compute-clients/<client
 id>, and `detach` hangs up exactly that client. The tmux session and its programs live on.
+As root, the server does that from the host (`hostside.py`), so it works in a container at
+its pids limit, where a `docker exec` cannot start; and `ensure` hangs up the clients no
+terminal of this server owns any more (their PTY went with a crash or a failed detach), so a
+container that orphans filled recovers when its user next opens a tab.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import requests.exceptions
 from docker.models.containers import Container
 from tornado.ioloop import IOLoop
 
-from threecompute.containers import clean_folder, deployment_id
+from threecompute.containers import clean_folder, deployment_id, hostside
 from threecompute.containers.backend import (
     PORTS_PER_USER,
     AttachCommand,
@@ -77,6 +81,7 @@ HEALTH_TIMEOUT = 3.0
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 PORT_IN_USE = re.compile(r":(\d+)(?::? ?(?:failed|bind))")
 SHELL_PATTERN = "|".join(sorted(SHELLS))  # a `case` pattern
+STALE_CLIENT_SECONDS = 30.0  # a recorded client no terminal owns is hung up after this long
 
 # `sh -c` scripts. Each mentions WRAPPER_MARK (via CLIENTS_DIR) so the reaper sees them as
 # infrastructure. The attach wrapper leaves if `detach` came first (the `.gone` mark).
@@ -158,6 +163,7 @@ class DockerBackend(ContainerBackend):
         self._cap_lock = asyncio.Lock()
         self._starting: set[str] = set()
         self._ids: dict[str, str] = {}
+        self._live_clients: set[str] = set()  # client ids attached and not yet detached
         self._running = 0
         self._counters = {"containers_created_total": 0, "ensure_errors_total": 0, "ensure_seconds_last": 0.0}
 
@@ -219,6 +225,8 @@ class DockerBackend(ContainerBackend):
     async def _ensure_locked(self, user: UserRef) -> Box:
         container = await self._run(self._find, user.user_id)
         if container is not None and container.status == "running":
+            if self._host_side():
+                await self._run(self._hang_up_stale, container.id, container.attrs["State"]["Pid"])
             return Box(user=user, ref=container.id)
         await self._reserve(user.user_id)
         try:
@@ -374,12 +382,21 @@ class DockerBackend(ContainerBackend):
     def attach_command(self, box: Box, tab_id: str, client_id: str) -> AttachCommand:
         script = ATTACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id),
                                       session=tmux_session_name(tab_id))
+        self._live_clients.add(client_id)
         argv = [self.docker_cli, *self._cli_host_args(), "exec", "-it", "-e", "TERM=xterm-256color",
                 "-w", "/app", box.ref, "sh", "-c", script]
         return AttachCommand(argv=argv)
 
     async def detach(self, box: Box, client_id: str) -> None:
         script = DETACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id))
+        self._live_clients.discard(client_id)
+        if self._host_side():
+            try:
+                if await self._run(self._hang_up_from_host, box.ref, client_id):
+                    return
+            except (OSError, BackendError, docker.errors.APIError) as exc:
+                log.debug("detach %s from the host: %s", client_id, exc)
+        # Not root, or the wrapper has not recorded itself yet: the `.gone` mark, from inside.
         try:
             await self._run(self._exec, box.ref, ["sh", "-c", script])
         except (BackendError, docker.errors.APIError) as exc:
@@ -406,6 +423,36 @@ class DockerBackend(ContainerBackend):
             await self._run(self._exec, ref, cmd)
         except docker.errors.APIError as exc:  # gone or not running: nothing to do
             log.debug("exec %s in %s: %s", cmd[0], ref[:12], _api_message(exc))
+
+    def _host_side(self) -> bool:
+        """Whether tmux clients can be ended from the host: root, and the engine on this host."""
+        return hostside.available() and self._engine_url().startswith("unix://")
+
+    def _clients(self, container_id: str, init_pid: int) -> hostside.ContainerClients:
+        return hostside.ContainerClients(container_id, init_pid, CLIENTS_DIR, CLIENT_ID.fullmatch)
+
+    def _hang_up_from_host(self, client: docker.DockerClient, ref: str, client_id: str) -> bool:
+        """Hang up one recorded client with no process in the container; False if none is recorded."""
+        state = client.api.inspect_container(ref)
+        if not state["State"]["Pid"]:
+            return True  # not running: no client left to end
+        clients = self._clients(state["Id"], state["State"]["Pid"])
+        mine = [found for found in clients.recorded(time.time()) if found.client_id == client_id]
+        clients.hang_up(mine)
+        return bool(mine)
+
+    def _hang_up_stale(self, client: docker.DockerClient, container_id: str, init_pid: int) -> None:
+        """Hang up the recorded clients that no terminal of this server owns any more."""
+        try:
+            clients = self._clients(container_id, init_pid)
+            stale = [found for found in clients.recorded(time.time())
+                     if found.client_id not in self._live_clients and found.age > STALE_CLIENT_SECONDS]
+            ended = clients.hang_up(stale)
+        except OSError as exc:
+            log.debug("cannot look at the tmux clients of pid %d: %s", init_pid, exc)
+            return
+        if ended:
+            log.info("hung up %d tmux client(s) no terminal owned", len(ended))
 
     def _exec(self, client: docker.DockerClient, ref: str, cmd: list[str]) -> str:
         result = client.api.exec_create(ref, cmd, user=CONTAINER_USER, stdin=False, tty=False)

@@ -23,7 +23,7 @@ from ..workspace import WorkspaceError
 
 log = logging.getLogger("threecompute.http")
 T = TypeVar("T")
-MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_BYTES = 16 * 1024  # every body unless a handler allows more (after authentication)
 UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 
 
@@ -43,8 +43,11 @@ def origin_allowed(origin: str, frontend_origin: str, request_host: str) -> bool
     return parts.scheme in ("http", "https") and parts.netloc == request_host
 
 
+@tornado.web.stream_request_body  # so that a body's size is judged before any of it is read
 class BaseHandler(tornado.web.RequestHandler):
     services: Services
+    max_body_bytes = MAX_JSON_BYTES
+    _body: bytearray | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -65,7 +68,32 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Vary", "Origin")
 
     def prepare(self) -> None:
+        self.request.connection.set_max_body_size(self.max_body_bytes)
         self.check_origin_for_unsafe_method()
+        self.check_body_length()
+
+    def check_body_length(self) -> None:
+        """Handlers that allow a large body after authentication make this a no-op."""
+        self.allow_body(self.max_body_bytes)
+
+    def allow_body(self, limit: int) -> None:
+        """Read at most `limit` bytes of body: a larger Content-Length is answered 413 before
+        any is read (and the connection closed); a chunked body past it ends the connection."""
+        self.request.connection.set_max_body_size(limit)
+        try:
+            length = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise HTTPError(400, "bad Content-Length") from None
+        if length > limit:
+            self.set_header("Connection", "close")
+            raise HTTPError(413, f"body larger than {limit} bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        # Handlers that do not stream keep the body, as Tornado would, in `request.body`.
+        if self._body is None:
+            self._body = bytearray()
+            self.request.body = self._body  # type: ignore[assignment]  # bytes-like, grows in place
+        self._body += chunk
 
     def check_origin_for_unsafe_method(self) -> None:
         origin = self.request.headers.get("Origin")
@@ -105,8 +133,6 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- bodies and answers ---------------------------------------------------------------
 
     def json_body(self) -> dict:
-        if len(self.request.body) > MAX_JSON_BYTES:
-            raise HTTPError(413, f"body larger than {MAX_JSON_BYTES} bytes")
         try:
             body = json.loads(self.request.body or b"null")
         except (ValueError, UnicodeDecodeError):
@@ -120,7 +146,12 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(payload))
 
     async def in_executor(self, fn: Callable[..., T], *args: Any) -> T:
-        return await IOLoop.current().run_in_executor(self.services.file_executor, fn, *args)
+        """`fn(*args)` in the file executor, within the caller's share of its threads."""
+        identity = self.current_user
+        if identity is None:
+            return await IOLoop.current().run_in_executor(self.services.file_executor, fn, *args)
+        async with self.services.limits.file_thread(identity.user_id):
+            return await IOLoop.current().run_in_executor(self.services.file_executor, fn, *args)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.clear_header("Content-Disposition")

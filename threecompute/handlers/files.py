@@ -3,12 +3,14 @@
 All path handling lives in the workspace layer; these handlers only parse requests, run the
 workspace call in the file executor, and answer. Bodies that can be large (uploads, PUT)
 are streamed: each chunk is written to a temporary file as it arrives, and Tornado reads
-the next chunk only once that write is done.
+the next chunk only once that write is done. A user has at most MAX_UPLOADS_PER_USER of them
+in flight (429 beyond), and a sender that goes quiet for UPLOAD_IDLE_SECONDS is cut off.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
@@ -17,6 +19,7 @@ import tornado.web
 from tornado.ioloop import IOLoop
 
 from ..containers.backend import BackendError, UserRef
+from ..limits import MAX_UPLOADS_PER_USER
 from ..multipart import MultipartError, MultipartParser
 from ..uploads import UploadBatch
 from ..workspace import AtomicWriter, FileInfo, Workspace, WorkspaceError
@@ -25,6 +28,8 @@ from .base import UNSAFE_METHODS, BaseHandler, HTTPError
 log = logging.getLogger("threecompute.files")
 T = TypeVar("T")
 MAX_UPLOAD_BYTES = 10 * 1024**3
+UPLOAD_BODY_TIMEOUT_SECONDS = 6 * 3600.0  # a whole upload body (10 GiB at 0.5 MB/s)
+UPLOAD_IDLE_SECONDS = 60.0  # no byte of an upload body for this long ends the connection
 READ_CHUNK_BYTES = 256 * 1024
 
 
@@ -50,7 +55,59 @@ class WorkspaceHandler(BaseHandler):
 
 class ListFilesHandler(WorkspaceHandler):
     async def get(self) -> None:
-        self.answer({"files": await self.on_workspace(Workspace.list_files)})
+        # Encoded in the worker thread too (4 MB of JSON is tens of ms), once per cached listing.
+        self.finish(await self.on_workspace(lambda workspace: workspace.listing().json))
+
+
+class UploadBodyMixin(WorkspaceHandler):
+    """An authenticated streamed body: the user's upload slot, a large limit, an idle watchdog."""
+
+    _slot_user: str | None = None
+    _watchdog: object | None = None
+    _last_chunk = 0.0
+
+    def check_body_length(self) -> None:
+        pass  # judged by start_upload_body, after authentication; until then nothing is read
+
+    def start_upload_body(self) -> None:
+        user_id = self.require_identity().user_id
+        if not self.services.limits.take_upload(user_id):
+            raise HTTPError(429, f"too many uploads in progress: at most {MAX_UPLOADS_PER_USER} at once")
+        self._slot_user = user_id
+        self.allow_body(MAX_UPLOAD_BYTES)
+        self.request.connection.set_body_timeout(UPLOAD_BODY_TIMEOUT_SECONDS)
+        self.chunk_arrived()
+        self._watchdog = IOLoop.current().call_later(UPLOAD_IDLE_SECONDS, self._check_idle)
+
+    def chunk_arrived(self) -> None:
+        self._last_chunk = time.monotonic()
+
+    def body_done(self) -> None:
+        if self._watchdog is not None:
+            IOLoop.current().remove_timeout(self._watchdog)
+            self._watchdog = None
+
+    def _check_idle(self) -> None:
+        quiet = time.monotonic() - self._last_chunk
+        if quiet < UPLOAD_IDLE_SECONDS:
+            self._watchdog = IOLoop.current().call_later(UPLOAD_IDLE_SECONDS - quiet, self._check_idle)
+            return
+        self._watchdog = None
+        log.info("upload body idle for %.0f s: closing the connection", quiet)
+        self.request.connection.close()  # on_connection_close cleans up
+
+    def end_upload(self) -> None:
+        self.body_done()
+        user_id, self._slot_user = self._slot_user, None
+        if user_id is not None:
+            self.services.limits.release_upload(user_id)
+
+    def on_finish(self) -> None:
+        self.end_upload()
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()  # fails the body future, so the request ends
+        self.end_upload()
 
 
 class MoveHandler(WorkspaceHandler):
@@ -66,7 +123,7 @@ class MoveHandler(WorkspaceHandler):
 
 
 @tornado.web.stream_request_body
-class UploadHandler(WorkspaceHandler):
+class UploadHandler(UploadBodyMixin):
     """POST /upload (files at the root, by base name) and /upload-folder (relative paths)."""
 
     keep_folders = False
@@ -75,7 +132,7 @@ class UploadHandler(WorkspaceHandler):
 
     async def prepare(self) -> None:
         super().prepare()
-        self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)
+        self.start_upload_body()
         workspace = await self.workspace()
         try:
             boundary = MultipartParser.boundary_from_content_type(self.request.headers.get("Content-Type", ""))
@@ -84,6 +141,7 @@ class UploadHandler(WorkspaceHandler):
         self.batch = UploadBatch(workspace, boundary, self.keep_folders)
 
     async def data_received(self, chunk: bytes) -> None:
+        self.chunk_arrived()
         if self.failure is not None:
             return  # read and drop the rest, so the client gets the error instead of a reset
         try:
@@ -91,15 +149,17 @@ class UploadHandler(WorkspaceHandler):
         except (MultipartError, WorkspaceError) as exc:
             self.failure = exc
             await self.in_executor(self.batch.abort)
+        self.chunk_arrived()  # a slow disk is not a slow sender
 
     async def post(self) -> None:
+        self.body_done()
         if self.failure is not None:
             raise self.failure
         try:
             count = await self.in_executor(self.batch.finish)
         except MultipartError as exc:
             await self.in_executor(self.batch.abort)
-            raise HTTPError(400, f"malformed upload: {exc}") from None
+            raise upload_error(exc) from None
         except WorkspaceError:
             await self.in_executor(self.batch.abort)
             raise
@@ -112,11 +172,18 @@ class UploadHandler(WorkspaceHandler):
     def on_connection_close(self) -> None:
         if self.batch is not None and not self._finished:
             self.services.file_executor.submit(self.batch.abort)
+        super().on_connection_close()
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, MultipartError):
-            e = HTTPError(400, f"malformed upload: {e}")
+            e = upload_error(e)
         super()._handle_request_exception(e)
+
+
+def upload_error(exc: MultipartError) -> HTTPError:
+    if exc.status == 413:
+        return HTTPError(413, f"upload too large: {exc}")
+    return HTTPError(400, f"malformed upload: {exc}")
 
 
 class UploadFolderHandler(UploadHandler):
@@ -137,7 +204,7 @@ class UploadFolderHandler(UploadHandler):
 
 
 @tornado.web.stream_request_body
-class FileHandler(WorkspaceHandler):
+class FileHandler(UploadBodyMixin):
     """GET, PUT (streamed, atomic), POST (create) and DELETE on one workspace path."""
 
     writer: AtomicWriter | None = None
@@ -145,7 +212,7 @@ class FileHandler(WorkspaceHandler):
     async def prepare(self) -> None:
         super().prepare()
         if self.request.method == "PUT":
-            self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)
+            self.start_upload_body()
             workspace = await self.workspace()
             self.writer = await self.in_executor(workspace.open_writer, self.path_argument())
 
@@ -156,8 +223,10 @@ class FileHandler(WorkspaceHandler):
         return path
 
     async def data_received(self, chunk: bytes) -> None:
+        self.chunk_arrived()
         if self.writer is not None:
             await self.in_executor(self.writer.write, chunk)
+        self.chunk_arrived()
 
     async def get(self, path: str) -> None:
         info, file, chunk = await self.on_workspace(open_with_first_chunk, self.path_argument())
@@ -176,6 +245,7 @@ class FileHandler(WorkspaceHandler):
         self.finish()
 
     async def put(self, path: str) -> None:
+        self.body_done()
         await self.in_executor(self.writer.commit)
         self.writer = None
         self.answer({"success": True})
@@ -194,6 +264,7 @@ class FileHandler(WorkspaceHandler):
 
     def on_connection_close(self) -> None:
         self._abort_writer()
+        super().on_connection_close()
 
     def _abort_writer(self) -> None:
         if self.writer is not None:

@@ -12,10 +12,13 @@ from .base import BaseHandler, HTTPError
 
 log = logging.getLogger("threecompute.webhook")
 SIGNATURE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
-MAX_WEBHOOK_BYTES = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
+# Read before the signature can be checked, so kept small: workflow_run payloads are tens of KB.
+MAX_WEBHOOK_BYTES = 1024 * 1024
 
 
 class GithubWebhookHandler(BaseHandler):
+    max_body_bytes = MAX_WEBHOOK_BYTES
+
     def check_origin_for_unsafe_method(self) -> None:
         """GitHub sends no Origin; the signature is what authenticates this endpoint."""
 
