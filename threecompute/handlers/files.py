@@ -104,6 +104,7 @@ class UploadBodyMixin(WorkspaceHandler):
 
     def on_finish(self) -> None:
         self.end_upload()
+        super().on_finish()
 
     def on_connection_close(self) -> None:
         super().on_connection_close()  # fails the body future, so the request ends
