@@ -22,7 +22,7 @@ import tornado.testing
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from threecompute.app import MAX_BODY_BYTES, make_app
+from threecompute.app import make_app, make_http_server
 from threecompute.containers.backend import BackendError
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
@@ -201,8 +201,8 @@ def app(services) -> tornado.web.Application:
 
 
 @pytest.fixture
-def http_server(request, io_loop, _unused_port, app):  # noqa: ANN001 - pytest-tornado's own fixture, with our body limit
-    server = tornado.httpserver.HTTPServer(app, max_body_size=MAX_BODY_BYTES)
+def http_server(request, io_loop, _unused_port, app):  # noqa: ANN001 - pytest-tornado's own fixture, as server.py serves
+    server = make_http_server(app)
     server.add_sockets([_unused_port[0]])
     yield server
     server.stop()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 
+import tornado.httputil
 import tornado.web
+from tornado.httpserver import HTTPServer
 from tornado.log import access_log
 
 from .handlers import auth, files, ops, terminal, webhook
 from .handlers.base import BaseHandler, HTTPError
 from .handlers.socketio import socketio_routes
 from .services import Services
+from .settings import host_name
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # non-streamed bodies; uploads raise their own limit
 
@@ -36,6 +39,29 @@ class IndexHandler(BaseHandler):
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise HTTPError(404, "not found")
+
+
+@tornado.web.stream_request_body  # refused from the headers: no body is read for it
+class MisdirectedHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise HTTPError(421, "this server does not answer for that Host")
+
+
+class HostCheckingApplication(tornado.web.Application):
+    """Only the configured host names reach a handler (HTTP, WebSocket and Socket.IO alike).
+
+    A page on a rebound name (`evil.example` resolving to this server) is same-origin with
+    itself, so Origin checks alone would let it in; its `Host` header gives it away.
+    """
+
+    def __init__(self, *args: object, services: Services, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.services = services
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: object):  # noqa: ANN201
+        if host_name(request.host) not in self.services.settings.allowed_hosts:
+            return self.get_handler_delegate(request, MisdirectedHandler, {"services": self.services})
+        return super().find_handler(request, **kwargs)
 
 
 AUTH_ROUTES = [
@@ -66,7 +92,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),
     ]
-    return tornado.web.Application(
+    return HostCheckingApplication(
         [(pattern, handler, {"services": services}) for pattern, handler in routes]
         + socketio_routes(services),
         default_handler_class=NotFoundHandler,
@@ -76,4 +102,14 @@ def make_app(services: Services) -> tornado.web.Application:
         websocket_ping_timeout=terminal.PING_TIMEOUT_SECONDS,
         debug=False,
         log_function=log_request,
+        services=services,
     )
+
+
+def make_http_server(app: tornado.web.Application) -> HTTPServer:
+    """The HTTP server for `app`, as `server.py` runs it and the tests do.
+
+    No `xheaders`: Tornado would then take X-Forwarded-For and X-Real-Ip from any client.
+    The client's address is worked out per request from TRUSTED_PROXIES (proxies.py).
+    """
+    return HTTPServer(app, max_body_size=MAX_BODY_BYTES)

@@ -22,6 +22,7 @@ from typing import TypeVar
 from tornado.ioloop import IOLoop
 
 from .containers.backend import PORTS_PER_USER
+from .settings import HIGHEST_PORT
 
 T = TypeVar("T")
 MAX_IPS_KEPT = 20
@@ -50,6 +51,10 @@ MIGRATIONS = [
 
 class StoreError(Exception):
     """The database could not be read or written."""
+
+
+class NoPortsLeft(Exception):
+    """Every block of ports from PORT_BASE up to 65535 belongs to a user: no new user fits."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Store:
     def __init__(self, path: Path, port_base: int) -> None:
         self.path = path
         self.port_base = port_base
+        self.port_slots = (HIGHEST_PORT + 1 - port_base) // PORTS_PER_USER
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._local = threading.local()
         self._revoked: dict[str, float] = {}
@@ -171,14 +177,16 @@ class Store:
             )
         return self._user_row(conn, user_id)
 
-    @staticmethod
-    def _free_slot(conn: sqlite3.Connection) -> int:
+    def _free_slot(self, conn: sqlite3.Connection) -> int:
         """The lowest port slot no user holds (slots freed by deleted users are reused)."""
         row = conn.execute(
             "SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM users WHERE port_slot = 0)"
             " UNION ALL SELECT port_slot + 1 FROM users u WHERE NOT EXISTS"
             " (SELECT 1 FROM users WHERE port_slot = u.port_slot + 1) ORDER BY slot LIMIT 1"
         ).fetchone()
+        if row[0] >= self.port_slots:
+            raise NoPortsLeft(f"no free range of {PORTS_PER_USER} ports is left for a new user"
+                              f" (PORT_BASE {self.port_base} to {HIGHEST_PORT} is full)")
         return row[0]
 
     def _user_row(self, conn: sqlite3.Connection, user_id: str) -> User:

@@ -17,8 +17,9 @@ from tornado.ioloop import IOLoop
 
 from ..containers.backend import BackendError
 from ..identity import COOKIE_NAME, Identity
+from ..proxies import client_address
 from ..services import Services
-from ..store import StoreError, User
+from ..store import NoPortsLeft, StoreError, User
 from ..workspace import WorkspaceError
 
 log = logging.getLogger("threecompute.http")
@@ -102,6 +103,11 @@ class BaseHandler(tornado.web.RequestHandler):
             raise HTTPError(401, "unauthenticated")
         return user
 
+    def client_ip(self) -> str:
+        """The peer's address; `X-Forwarded-For` only when the peer is in TRUSTED_PROXIES."""
+        return client_address(self.request.remote_ip, self.request.headers.get_list("X-Forwarded-For"),
+                              self.services.settings.trusted_proxies)
+
     # -- bodies and answers ---------------------------------------------------------------
 
     def json_body(self) -> dict:
@@ -151,6 +157,8 @@ def as_http_error(e: BaseException) -> HTTPError | None:
     if isinstance(e, WorkspaceError):
         return HTTPError(e.status, e.message)
     if isinstance(e, BackendError):
+        return HTTPError(503, str(e))
+    if isinstance(e, NoPortsLeft):
         return HTTPError(503, str(e))
     if isinstance(e, StoreError):
         log.error("store failure: %s", e)
