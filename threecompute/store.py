@@ -1,5 +1,5 @@
-"""The server's durable state in one SQLite file: users, their port ranges, tab state and
-revoked tokens.
+"""The server's durable state in one SQLite file: users, their port ranges, tab state,
+revoked tokens and the webhook deliveries of the last day.
 
 Every write is one short transaction (`BEGIN IMMEDIATE`), so concurrent logins and tab saves
 never lose an update, and a crash leaves either the old record or the new one. The async
@@ -44,6 +44,12 @@ MIGRATIONS = [
     CREATE TABLE revoked_tokens (
         jti TEXT PRIMARY KEY,
         expires_at REAL NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        received_at REAL NOT NULL
     );
     """,
 ]
@@ -244,6 +250,21 @@ class Store:
     def _load_revoked(self, conn: sqlite3.Connection) -> dict[str, float]:
         rows = conn.execute("SELECT jti, expires_at FROM revoked_tokens WHERE expires_at >= ?", (time.time(),))
         return {r["jti"]: r["expires_at"] for r in rows}
+
+    # -- webhook deliveries ---------------------------------------------------------------
+
+    async def first_delivery(self, delivery_id: str, keep_seconds: float) -> bool:
+        """Record a webhook delivery id; False when it was already seen within `keep_seconds`.
+
+        Only signed deliveries get here, and ids older than the window are dropped on every
+        call, so the table holds one day of the repository's events.
+        """
+        def write(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (time.time() - keep_seconds,))
+            cursor = conn.execute("INSERT OR IGNORE INTO webhook_deliveries VALUES (?, ?)", (delivery_id, time.time()))
+            return cursor.rowcount == 1
+
+        return await self._run(lambda: self._write(write))
 
     async def count_users(self) -> int:
         return await self._run(lambda: self._call(lambda c: c.execute("SELECT COUNT(*) FROM users").fetchone()[0]))
