@@ -75,10 +75,11 @@ async def test_a_rebound_host_gets_no_terminal_on_either_transport(client):
 async def test_loopback_names_and_the_frontend_host_are_served(client):
     port = port_of(client)
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST", "frontend.test:3000",
-                 f"localhost.:{port}"):
+                 f"localhost.:{port}", f"192.0.2.10:{port}", "[2001:db8::1]"):  # any IP: no name to rebind
         answer = await client.fetch("/healthz", headers={"Host": host})
         assert answer.code == 200, (host, answer.body)
-    for host in (EVIL, f"127.0.0.1.{EVIL}", f"localhost@{EVIL}", "[::1", ""):
+    for host in (EVIL, f"127.0.0.1.{EVIL}", f"localhost@{EVIL}", "[::1", "", "192.0.2.10.nip.io",
+                 f"{EVIL}@localhost"):
         answer = await client.fetch("/healthz", headers={"Host": host})
         assert answer.code in (400, 421), (host, answer.code)
 

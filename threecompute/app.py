@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import tornado.httputil
@@ -59,9 +60,21 @@ class HostCheckingApplication(tornado.web.Application):
         self.services = services
 
     def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: object):  # noqa: ANN201
-        if host_name(request.host) not in self.services.settings.allowed_hosts:
+        if not host_allowed(request.host, self.services.settings.allowed_hosts):
             return self.get_handler_delegate(request, MisdirectedHandler, {"services": self.services})
         return super().find_handler(request, **kwargs)
+
+
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """A configured name, or any IP address: a rebinding page can only use a name of its own."""
+    name = host_name(host)
+    if name is None:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name in allowed
+    return True
 
 
 AUTH_ROUTES = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 MIN_SECRET_BYTES = 32
 HIGHEST_PORT = 65535
+HOST_HEADER = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::\d{1,5})?$")
 
 
 class ConfigError(Exception):
@@ -149,13 +151,12 @@ def _port(raw: str, name: str) -> int:
 
 
 def host_name(value: str) -> str | None:
-    """The host of a `Host` header, URL authority or bare name: lower case, no port, no
-    brackets, no trailing dot; None when it is malformed."""
-    try:
-        name = urlsplit(f"//{value.strip()}").hostname
-    except ValueError:
+    """The host of a `Host` header or `host[:port]`: lower case, no port, no brackets, no
+    trailing dot; None when it is anything else (user info, a path, a bad bracket)."""
+    match = HOST_HEADER.match(value.strip())
+    if match is None:
         return None
-    return name.rstrip(".") if name else None
+    return (match.group(1) or match.group(2)).lower().rstrip(".") or None
 
 
 def _allowed_hosts(env: Mapping[str, str], host: str, urls: list[str]) -> frozenset[str]:
@@ -168,7 +169,7 @@ def _allowed_hosts(env: Mapping[str, str], host: str, urls: list[str]) -> frozen
     for entry in env.get("ALLOWED_HOSTS", "").split(","):
         if entry.strip():
             name = host_name(entry)
-            if name is None or any(ch in entry.strip() for ch in "/ *@"):
+            if name is None:
                 raise ConfigError(f"ALLOWED_HOSTS must be comma-separated host names, got {entry.strip()!r}")
             names.add(name)
     return frozenset(names)
