@@ -50,7 +50,6 @@ class GithubWebhookHandler(BaseHandler):
         started = self.services.deployer.trigger()
         self.answer({"status": "started" if started else "queued"}, 200 if started else 202)
 
-
     async def first_delivery(self) -> bool:
         """A delivery id seen in the last day is a replay (or GitHub's redelivery): run nothing.
 
