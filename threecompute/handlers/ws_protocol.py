@@ -6,23 +6,27 @@ can read:
 - **A message over the size limit (1009).** Tornado writes the close frame, then closes the
   socket at once. The rest of the oversized message is still arriving, and closing a socket
   with unread data makes the kernel send a reset, which destroys the close frame on its way
-  (a 2 MiB message: reset every time). Here the connection is kept open after the close
-  frame and whatever the client still sends is read and thrown away, until the client closes
-  or Tornado's own 5-second closing timeout ends it; by then nothing unread is left to
-  provoke a reset.
+  (a 2 MiB message: reset every time). Here the size is checked as soon as a frame's length
+  has been read, before Tornado does: the close frame is sent, the frame's payload is read
+  and thrown away, and the connection carries on with the closing handshake (the client's
+  close frame, or Tornado's 5-second closing timeout), so nothing is left unread to provoke
+  a reset.
 - **Invalid UTF-8 in a text frame (1007).** Tornado drops the connection with no close
   frame. Here the frame is refused with 1007 and the closing handshake runs as usual.
 
 Nothing is delivered to the handler once the server has sent its close frame.
 
 What this relies on in Tornado (pinned in requirements.txt; covered by
-tests/test_ws_close.py): `WebSocketHandler.get_websocket_protocol`, `WebSocketProtocol13`'s
-`params`, `stream`, `server_terminated`/`client_terminated`, `_receive_frame`,
-`_handle_message`, `_abort`, and, for compressed messages, `_frame_compressed`,
-`_decompressor` and `_DecompressTooLargeError`.
+tests/test_ws_close.py): `WebSocketHandler.get_websocket_protocol`; in `WebSocketProtocol13`,
+`params`, `stream`, `server_terminated`/`client_terminated`, `_receive_frame` reading each
+frame's header through `_read_bytes` (2 bytes, then 2 or 8 of extended length), the
+fragment state `_fragmented_message_buffer`/`_fragmented_message_opcode`, `_handle_message`,
+and for compressed messages `_frame_compressed`, `_decompressor` and `_DecompressTooLargeError`.
 """
 
 from __future__ import annotations
+
+import struct
 
 import tornado.websocket
 from tornado.websocket import WebSocketProtocol13, _DecompressTooLargeError
@@ -30,53 +34,86 @@ from tornado.websocket import WebSocketProtocol13, _DecompressTooLargeError
 MESSAGE_TOO_BIG = 1009
 INVALID_PAYLOAD = 1007
 TEXT, BINARY = 0x1, 0x2
-DRAIN_CHUNK = 64 * 1024
+FIN, MASKED, CONTROL = 0x80, 0x80, 0x8
+DISCARD_CHUNK = 64 * 1024
+
+
+class _Oversized(Exception):
+    """Raised out of Tornado's frame parser: `size` bytes of this frame remain to be read."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def frame_length(header: bytes) -> int | None:
+    """The payload length once `header` holds enough of a frame's start; None before."""
+    if len(header) < 2:
+        return None
+    short = header[1] & 0x7F
+    if short < 126:
+        return short
+    if short == 126:
+        return struct.unpack("!H", header[2:4])[0] if len(header) >= 4 else None
+    return struct.unpack("!Q", header[2:10])[0] if len(header) >= 10 else None
 
 
 class ClosingProtocol(WebSocketProtocol13):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._drain_next_abort = False
-        self._draining = False
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if code == MESSAGE_TOO_BIG and not self.server_terminated and not self.client_terminated:
-            # Tornado aborts right after this close; that abort becomes a drain.
-            self._drain_next_abort = True
-        super().close(code, reason)
-
-    def _abort(self) -> None:
-        if self._drain_next_abort:
-            self._drain_next_abort = False
-            self._draining = True
-            return
-        super()._abort()
+        self._header: bytes | None = None  # the current frame's first bytes, until its length is known
 
     async def _receive_frame(self) -> None:
-        await super()._receive_frame()
-        if self._draining:
-            await self._drain()
+        self._header = b""
+        try:
+            await super()._receive_frame()
+        except _Oversized as oversized:
+            await self._discard(oversized.size)
+        finally:
+            self._header = None
 
-    async def _drain(self) -> None:
-        """Read and drop bytes until the stream closes (the client, or the closing timeout).
+    async def _read_bytes(self, n: int) -> bytes:
+        data = await super()._read_bytes(n)
+        if self._header is not None:
+            self._header += data
+            length = frame_length(self._header)
+            if length is not None:
+                header, self._header = self._header, None
+                self._check_size(header, length)
+        return data
 
-        Raises StreamClosedError, which ends Tornado's frame loop as any closed stream does.
-        """
-        while True:
-            await self.stream.read_bytes(DRAIN_CHUNK, partial=True)
+    def _check_size(self, header: bytes, length: int) -> None:
+        """Tornado's own size rule, applied first, so that it never aborts the connection."""
+        opcode = header[0] & 0x0F
+        if opcode & CONTROL:
+            return
+        buffered = self._fragmented_message_buffer
+        if length + (len(buffered) if buffered is not None else 0) <= self.params.max_message_size:
+            return
+        self.close(MESSAGE_TOO_BIG, "message too big")  # once; later ones send nothing
+        if header[0] & FIN:
+            self._fragmented_message_buffer = None
+        else:  # more fragments follow: they are taken, counted and dropped like the rest
+            self._fragmented_message_buffer = bytearray()
+            if opcode:
+                self._fragmented_message_opcode = opcode
+        raise _Oversized(length + (4 if header[1] & MASKED else 0))
+
+    async def _discard(self, size: int) -> None:
+        while size > 0:
+            size -= len(await self.stream.read_bytes(min(size, DISCARD_CHUNK), partial=True))
 
     def _handle_message(self, opcode: int, data: bytes):  # noqa: ANN201 - Tornado's signature
         if opcode in (TEXT, BINARY) and self.server_terminated:
             return None  # the server has said goodbye: nothing more reaches the handler
-        if opcode == TEXT and not self.client_terminated:
-            if self._frame_compressed:
-                try:
-                    data = self._decompressor.decompress(data)
-                except _DecompressTooLargeError:
-                    self.close(MESSAGE_TOO_BIG, "message too big after decompression")
-                    self._abort()
-                    return None
-                self._frame_compressed = False  # decompressed: Tornado must not do it again
+        if opcode in (TEXT, BINARY) and self._frame_compressed:
+            try:
+                data = self._decompressor.decompress(data)
+            except _DecompressTooLargeError:
+                self.close(MESSAGE_TOO_BIG, "message too big after decompression")
+                return None  # the frame was read whole: the closing handshake goes on
+            self._frame_compressed = False  # decompressed: Tornado must not do it again
+        if opcode == TEXT:
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:
