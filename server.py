@@ -13,7 +13,7 @@ import sys
 
 from tornado.httpserver import HTTPServer
 
-from threecompute.app import make_app, server_options
+from threecompute.app import make_app, make_http_server
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
 from threecompute.settings import ConfigError, Settings, load_settings
@@ -24,7 +24,7 @@ log = logging.getLogger("threecompute")
 async def serve(settings: Settings) -> None:
     services = build_services(settings)
     await services.backend.start()
-    server = HTTPServer(make_app(services), xheaders=True, **server_options())
+    server = make_http_server(make_app(services))
     try:
         server.listen(settings.port, settings.host)
     except OSError as exc:

@@ -22,7 +22,7 @@ import tornado.testing
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from threecompute.app import make_app, server_options
+from threecompute.app import make_app, make_http_server, server_options
 from threecompute.containers.backend import BackendError
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
@@ -207,8 +207,8 @@ def http_server_options() -> dict:
 
 
 @pytest.fixture
-def http_server(request, io_loop, _unused_port, app, http_server_options):  # noqa: ANN001 - pytest-tornado's own fixture, with our limits
-    server = tornado.httpserver.HTTPServer(app, **http_server_options)
+def http_server(request, io_loop, _unused_port, app, http_server_options):  # noqa: ANN001 - pytest-tornado's own fixture, as server.py serves
+    server = make_http_server(app, http_server_options)
     server.add_sockets([_unused_port[0]])
     yield server
     server.stop()

@@ -193,8 +193,9 @@ async def test_dev_login_is_404_without_dev(client, services):
 
 
 @pytest.mark.gen_test
-async def test_cookie_is_secure_in_production(client, services):
-    services.settings = dataclasses.replace(services.settings, production=True)
+async def test_cookie_is_secure_in_dev_with_an_https_frontend(client, services):
+    # Without --dev it always is: tests/test_access.py
+    services.settings = dataclasses.replace(services.settings, frontend_origin="https://app.example")
     answer = await client.dev_login("prod@example.com")
     cookie = next(h for h in answer.headers.get_list("Set-Cookie") if h.startswith(COOKIE_NAME))
     assert "Secure" in cookie

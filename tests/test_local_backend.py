@@ -117,7 +117,23 @@ def test_its_tmux_socket_is_its_own(backend, ann, tmp_path):
     assert default_socket.exists() == default_existed  # the default tmux server was not started
     other = LocalBackend(Settings(data_dir=tmp_path / "other"))
     assert other.socket_name("ann") != backend.socket_name("ann")
-    assert backend.socket_name("a/b c" * 10).startswith(f"3c-{backend.deployment}-a_b_c")
+    assert backend.socket_name("a/b c" * 10).startswith(f"3c-{backend.deployment}-")
+
+
+def test_ids_sharing_a_long_prefix_get_servers_of_their_own(backend, tmp_path):
+    """Provider ids are 21 digits: two that differ only in the last one are two users."""
+    first, second = "108234567890123456781", "108234567890123456782"
+    assert backend.socket_name(first) != backend.socket_name(second)
+    users = [UserRef(uid, 8000, backend.settings.data_dir / "workspaces" / uid) for uid in (first, second)]
+    _, one = open_tab(backend, users[0], "1")
+    one.write(b"export MINE=first-$((1+1))\r")
+    _, two = open_tab(backend, users[1], "1")
+    two.write(b"echo [$MINE] at $PWD\r")
+    seen = read_until(two, f"at {users[1].workspace}")
+    assert "first-2" not in seen
+    for proc in (one, two):
+        close(proc)
+    assert tmux(backend, users[1], "list-sessions", "-F", "#{session_name}").stdout.split() == ["tab1"]
 
 
 def test_purge_ends_this_deployments_tmux_servers_only(backend: LocalBackend, ann: UserRef, tmp_path: Path):

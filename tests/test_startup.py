@@ -16,13 +16,15 @@ from threecompute.settings import ConfigError, load_settings
 
 from .conftest import ROOT, port_is_free, run_server_process
 
+LONG_SECRET = "s" * 32
+
 
 def settings_from(argv: list[str], env: dict[str, str], tmp_path: Path):
     return load_settings(argv, env, dotenv=tmp_path / "none.env")
 
 
 def test_defaults(tmp_path):
-    settings = settings_from([], {"FLASK_SECRET": "s"}, tmp_path)
+    settings = settings_from([], {"FLASK_SECRET": LONG_SECRET}, tmp_path)
     assert (settings.host, settings.port, settings.backend) == ("127.0.0.1", 5555, "docker")
     assert settings.port_base == 8000
     assert settings.container_image == "3compute"
@@ -31,20 +33,20 @@ def test_defaults(tmp_path):
 
 
 def test_host_ip_is_the_default_host(tmp_path):
-    env = {"FLASK_SECRET": "s", "HOST_IP": "0.0.0.0"}
+    env = {"FLASK_SECRET": LONG_SECRET, "HOST_IP": "0.0.0.0"}
     assert settings_from([], env, tmp_path).host == "0.0.0.0"
     assert settings_from(["--host", "127.0.0.2"], env, tmp_path).host == "127.0.0.2"
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path):
     dotenv = tmp_path / ".env"
-    dotenv.write_text('# comment\nFLASK_SECRET="from-file"\nexport PORT_BASE=9000\nCONTAINER_IMAGE=img\n')
+    dotenv.write_text(f'# comment\nFLASK_SECRET="{LONG_SECRET}"\nexport PORT_BASE=9000\nCONTAINER_IMAGE=img\n')
     settings = load_settings([], {"CONTAINER_IMAGE": "from-env"}, dotenv=dotenv)
-    assert (settings.secret, settings.port_base, settings.container_image) == ("from-file", 9000, "from-env")
+    assert (settings.secret, settings.port_base, settings.container_image) == (LONG_SECRET, 9000, "from-env")
 
 
 def test_production_picks_the_prod_origin(tmp_path):
-    env = {"FLASK_SECRET": "s", "FLASK_ENV": "production", "FRONTEND_ORIGIN_PROD": "https://app.example/",
+    env = {"FLASK_SECRET": LONG_SECRET, "FLASK_ENV": "production", "FRONTEND_ORIGIN_PROD": "https://app.example/",
            "FRONTEND_ORIGIN_DEV": "http://localhost:3000", "REDIRECT_URI_PROD": "https://api.example/callback"}
     settings = settings_from([], env, tmp_path)
     assert settings.production and settings.frontend_origin == "https://app.example"
@@ -52,23 +54,54 @@ def test_production_picks_the_prod_origin(tmp_path):
 
 
 @pytest.mark.parametrize("argv, env, names", [
-    (["--port", "abc"], {"FLASK_SECRET": "s"}, "--port"),
-    (["--port", "70000"], {"FLASK_SECRET": "s"}, "--port"),
+    (["--port", "abc"], {"FLASK_SECRET": LONG_SECRET}, "--port"),
+    (["--port", "70000"], {"FLASK_SECRET": LONG_SECRET}, "--port"),
     ([], {}, "FLASK_SECRET"),
     ([], {"FLASK_ENV": "production"}, "FLASK_SECRET"),
-    (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": "s"}, "--dev"),
-    ([], {"FLASK_SECRET": "s", "PORT_BASE": "eight"}, "PORT_BASE"),
-    ([], {"FLASK_SECRET": "s", "MAX_CONTAINERS": "-1"}, "MAX_CONTAINERS"),
-    ([], {"FLASK_SECRET": "s", "CONTAINER_PIDS": "-5"}, "CONTAINER_PIDS"),
-    ([], {"FLASK_SECRET": "s", "CONTAINER_CPUS": "nan"}, "CONTAINER_CPUS"),
-    ([], {"FLASK_SECRET": "s", "CONTAINER_MEMORY": "lots"}, "CONTAINER_MEMORY"),
-    ([], {"FLASK_SECRET": "s", "IDLE_TIMEOUT_SECONDS": "-3"}, "IDLE_TIMEOUT_SECONDS"),
-    (["--backend", "local"], {"FLASK_SECRET": "s"}, "--backend local"),
+    (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": LONG_SECRET}, "--dev"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "PORT_BASE": "eight"}, "PORT_BASE"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "MAX_CONTAINERS": "-1"}, "MAX_CONTAINERS"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "CONTAINER_PIDS": "-5"}, "CONTAINER_PIDS"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "CONTAINER_CPUS": "nan"}, "CONTAINER_CPUS"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "CONTAINER_MEMORY": "lots"}, "CONTAINER_MEMORY"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "IDLE_TIMEOUT_SECONDS": "-3"}, "IDLE_TIMEOUT_SECONDS"),
+    (["--backend", "local"], {"FLASK_SECRET": LONG_SECRET}, "--backend local"),
     (["--backend", "local", "--dev", "--host", "0.0.0.0"], {}, "--backend local"),
+    ([], {"FLASK_SECRET": "a"}, "FLASK_SECRET must be at least 32 bytes"),
+    ([], {"FLASK_SECRET": "s" * 31}, "FLASK_SECRET must be at least 32 bytes"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "PORT_BASE": "65527"}, "PORT_BASE"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "ALLOWED_HOSTS": "ok.example, *.example"}, "ALLOWED_HOSTS"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "TRUSTED_PROXIES": "10.0.0.0/8,proxy"}, "TRUSTED_PROXIES"),
 ])
 def test_bad_settings_name_the_culprit(tmp_path, argv, env, names):
     with pytest.raises(ConfigError, match=names):
         settings_from(argv, env, tmp_path)
+
+
+def test_a_short_secret_is_accepted_only_in_dev(tmp_path):
+    assert settings_from(["--dev"], {"FLASK_SECRET": "a"}, tmp_path).secret == "a"
+    assert settings_from([], {"FLASK_SECRET": "é" * 16}, tmp_path).secret  # 32 bytes, 16 characters
+
+
+def test_the_highest_port_base_still_fits_one_user(tmp_path):
+    assert settings_from([], {"FLASK_SECRET": LONG_SECRET, "PORT_BASE": "65526"}, tmp_path).port_base == 65526
+
+
+def test_allowed_hosts_are_loopback_the_bind_address_the_urls_and_the_list(tmp_path):
+    env = {"FLASK_SECRET": LONG_SECRET, "FRONTEND_ORIGIN_DEV": "http://app.example:3000",
+           "REDIRECT_URI_DEV": "https://login.example/auth/callback", "ALLOWED_HOSTS": "Proxy.Example:443, [fd00::1]"}
+    settings = settings_from(["--host", "10.1.2.3"], env, tmp_path)
+    assert settings.allowed_hosts == {"127.0.0.1", "localhost", "::1", "10.1.2.3", "app.example",
+                                      "login.example", "proxy.example", "fd00::1"}
+    wildcard = settings_from(["--host", "0.0.0.0"], {**env, "ALLOWED_HOSTS": ""}, tmp_path)
+    assert wildcard.allowed_hosts == {"127.0.0.1", "localhost", "::1", "app.example", "login.example"}
+
+
+def test_cookies_are_secure_unless_dev_over_plain_http(tmp_path):
+    assert settings_from([], {"FLASK_SECRET": LONG_SECRET}, tmp_path).secure_cookies
+    assert not settings_from(["--dev"], {}, tmp_path).secure_cookies
+    https = {"FRONTEND_ORIGIN_DEV": "https://app.example"}
+    assert settings_from(["--dev"], https, tmp_path).secure_cookies
 
 
 def test_dev_without_a_secret_makes_one(tmp_path):
@@ -77,10 +110,12 @@ def test_dev_without_a_secret_makes_one(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, names", [
-    (["--port", "abc"], {"FLASK_SECRET": "s"}, "--port"),
+    (["--port", "abc"], {"FLASK_SECRET": LONG_SECRET}, "--port"),
     ([], {"FLASK_ENV": "production", "FLASK_SECRET": ""}, "FLASK_SECRET"),
-    (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": "s"}, "--dev"),
-    ([], {"FLASK_SECRET": "s", "MAX_CONTAINERS": "many"}, "MAX_CONTAINERS"),
+    (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": LONG_SECRET}, "--dev"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "MAX_CONTAINERS": "many"}, "MAX_CONTAINERS"),
+    ([], {"FLASK_SECRET": "a"}, "FLASK_SECRET"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "PORT_BASE": "65530"}, "PORT_BASE"),
 ])
 def test_the_server_exits_with_one_line_not_a_traceback(tmp_path, args, env, names):
     result = run_server_process(args, {"DATA_DIR": str(tmp_path / "data"), **env}, cwd=tmp_path)

@@ -8,11 +8,14 @@ import hashlib
 import hmac
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from threecompute.deploy import Deployer
+from threecompute.handlers.webhook import DELIVERY_MEMORY_SECONDS
+from threecompute.store import Store
 
 from .conftest import body_json
 
@@ -111,3 +114,53 @@ async def test_a_missing_deploy_command_is_logged_not_fatal(client, services):
     await services.deployer.wait_idle()
     assert services.deployer.last_exit_code == -1
     assert (await client.fetch("/healthz")).code == 200
+
+
+def delivered(payload: bytes, delivery: str) -> dict[str, str]:
+    return signed(payload) | {"X-GitHub-Delivery": delivery}
+
+
+@pytest.mark.gen_test
+async def test_a_replayed_delivery_runs_nothing(client, services, runs_log):
+    payload = json.dumps(SUCCESS).encode()
+    first = await client.fetch("/github-webhook", "POST", payload, headers=delivered(payload, "72d3162e-cc78-11e3"))
+    assert first.code == 200
+    await services.deployer.wait_idle()
+    for _ in range(3):
+        replay = await client.fetch("/github-webhook", "POST", payload,
+                                    headers=delivered(payload, "72d3162e-cc78-11e3"))
+        assert replay.code == 200 and replay.headers["X-Reason"] == "duplicate delivery"
+        assert body_json(replay) == {"status": "duplicate"}
+    await services.deployer.wait_idle()
+    assert runs(runs_log) == 1
+    other = await client.fetch("/github-webhook", "POST", payload, headers=delivered(payload, "8f1c0a4e-0001"))
+    assert other.code == 200
+    await services.deployer.wait_idle()
+    assert runs(runs_log) == 2
+
+
+@pytest.mark.gen_test
+async def test_delivery_ids_survive_a_restart_and_expire_after_a_day(client, services, runs_log, monkeypatch):
+    payload = json.dumps(SUCCESS).encode()
+    assert (await client.fetch("/github-webhook", "POST", payload, headers=delivered(payload, "abc-1"))).code == 200
+    await services.deployer.wait_idle()
+    reopened = Store(services.settings.db_path, services.settings.port_base)  # what the next start opens
+    try:
+        assert not await reopened.first_delivery("abc-1", DELIVERY_MEMORY_SECONDS)
+        later = time.time() + DELIVERY_MEMORY_SECONDS + 60
+        monkeypatch.setattr(time, "time", lambda: later)
+        assert await reopened.first_delivery("abc-1", DELIVERY_MEMORY_SECONDS)
+    finally:
+        reopened.close()
+
+
+@pytest.mark.gen_test
+async def test_a_malformed_delivery_id_is_400_and_an_unsigned_one_is_not_stored(client, services, runs_log):
+    payload = json.dumps(SUCCESS).encode()
+    bad = await client.fetch("/github-webhook", "POST", payload, headers=delivered(payload, "x" * 101))
+    assert bad.code == 400 and "X-GitHub-Delivery" in body_json(bad)["error"]
+    unsigned = {"X-Hub-Signature-256": "sha256=" + "0" * 64, "X-GitHub-Delivery": "stolen-id"}
+    assert (await client.fetch("/github-webhook", "POST", payload, headers=unsigned)).code == 403
+    assert (await client.fetch("/github-webhook", "POST", payload, headers=delivered(payload, "stolen-id"))).code == 200
+    await services.deployer.wait_idle()
+    assert runs(runs_log) == 1

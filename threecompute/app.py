@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
+import tornado.httputil
 import tornado.web
+from tornado.httpserver import HTTPServer
 from tornado.log import access_log
 
 from .handlers import auth, files, ops, terminal, webhook
@@ -12,6 +15,7 @@ from .handlers.base import BaseHandler, HTTPError
 from .handlers.socketio import socketio_routes
 from .handlers.web import web_routes
 from .services import Services
+from .settings import host_name
 
 # What the HTTP server reads of a body at most. Every BaseHandler lowers it for its request
 # (16 KiB; uploads raise it only after authentication); Socket.IO's polling POSTs carry
@@ -45,6 +49,41 @@ class NotFoundHandler(BaseHandler):
         raise HTTPError(404, "not found")
 
 
+@tornado.web.stream_request_body  # refused from the headers: no body is read for it
+class MisdirectedHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise HTTPError(421, "this server does not answer for that Host")
+
+
+class HostCheckingApplication(tornado.web.Application):
+    """Only the configured host names reach a handler (HTTP, WebSocket and Socket.IO alike).
+
+    A page on a rebound name (`evil.example` resolving to this server) is same-origin with
+    itself, so Origin checks alone would let it in; its `Host` header gives it away.
+    """
+
+    def __init__(self, *args: object, services: Services, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.services = services
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: object):  # noqa: ANN201
+        if not host_allowed(request.host, self.services.settings.allowed_hosts):
+            return self.get_handler_delegate(request, MisdirectedHandler, {"services": self.services})
+        return super().find_handler(request, **kwargs)
+
+
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """A configured name, or any IP address: a rebinding page can only use a name of its own."""
+    name = host_name(host)
+    if name is None:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name in allowed
+    return True
+
+
 AUTH_ROUTES = [
     ("login", auth.LoginHandler),
     ("callback", auth.CallbackHandler),
@@ -74,7 +113,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),
     ]
-    return tornado.web.Application(
+    return HostCheckingApplication(
         [(pattern, handler, {"services": services}) for pattern, handler in routes]
         + web_routes(services)
         + socketio_routes(services),
@@ -85,4 +124,14 @@ def make_app(services: Services) -> tornado.web.Application:
         websocket_ping_timeout=terminal.PING_TIMEOUT_SECONDS,
         debug=False,
         log_function=log_request,
+        services=services,
     )
+
+
+def make_http_server(app: tornado.web.Application, options: dict[str, float] | None = None) -> HTTPServer:
+    """The HTTP server for `app`, as `server.py` runs it and the tests do (with `server_options`).
+
+    No `xheaders`: Tornado would then take X-Forwarded-For and X-Real-Ip from any client.
+    The client's address is worked out per request from TRUSTED_PROXIES (proxies.py).
+    """
+    return HTTPServer(app, **(server_options() if options is None else options))

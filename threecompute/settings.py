@@ -7,16 +7,25 @@ naming the variable, so a bad deployment stops before it serves anything.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from .containers.backend import PORTS_PER_USER
 
 GOOGLE_AUTHORIZE_URL = "https://accounts.google.com/o/oauth2/v2/auth"
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 GOOGLE_USERINFO_URL = "https://openidconnect.googleapis.com/v1/userinfo"
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+MIN_SECRET_BYTES = 32
+HIGHEST_PORT = 65535
+HOST_HEADER = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::\d{1,5})?$")
 
 
 class ConfigError(Exception):
@@ -53,6 +62,13 @@ class Settings:
     oauth_userinfo_url: str = GOOGLE_USERINFO_URL
     deploy_command: str = "/opt/deploy.sh"
     session_days: float = 7.0
+    allowed_hosts: frozenset[str] = LOOPBACK_HOSTS
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies carry `Secure` except in `--dev` against a plain-HTTP frontend."""
+        return not self.dev or self.frontend_origin.startswith("https://")
 
     @property
     def workspaces_dir(self) -> Path:
@@ -134,6 +150,42 @@ def _port(raw: str, name: str) -> int:
     return port
 
 
+def host_name(value: str) -> str | None:
+    """The host of a `Host` header or `host[:port]`: lower case, no port, no brackets, no
+    trailing dot; None when it is anything else (user info, a path, a bad bracket)."""
+    match = HOST_HEADER.match(value.strip())
+    if match is None:
+        return None
+    return (match.group(1) or match.group(2)).lower().rstrip(".") or None
+
+
+def _allowed_hosts(env: Mapping[str, str], host: str, urls: list[str]) -> frozenset[str]:
+    """The names a request's `Host` may carry: loopback, the bind address unless it is a
+    wildcard, the hosts of the configured URLs, and ALLOWED_HOSTS (for a proxy's name)."""
+    names = set(LOOPBACK_HOSTS)
+    if host not in WILDCARD_HOSTS:
+        names.add(host.strip("[]").lower())  # a bind address: an IP or a name, never a port
+    names.update(name for url in urls if (name := urlsplit(url).hostname))
+    for entry in env.get("ALLOWED_HOSTS", "").split(","):
+        if entry.strip():
+            name = host_name(entry)
+            if name is None:
+                raise ConfigError(f"ALLOWED_HOSTS must be comma-separated host names, got {entry.strip()!r}")
+            names.add(name)
+    return frozenset(names)
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for entry in env.get(name, "").split(","):
+        if entry.strip():
+            try:
+                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"{name} must be comma-separated IPs or CIDRs, got {entry.strip()!r}") from None
+    return tuple(networks)
+
+
 def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
                   dotenv: Path = Path(".env")) -> Settings:
     args = parse_args(argv)
@@ -152,13 +204,15 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         if not args.dev:
             raise ConfigError("FLASK_SECRET is required (or run with --dev)")
         secret, generated = secrets.token_urlsafe(32), True
+    if not args.dev and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(f"FLASK_SECRET must be at least {MIN_SECRET_BYTES} bytes, got {len(secret.encode())}")
 
     suffix = "PROD" if production else "DEV"
     frontend = env.get(f"FRONTEND_ORIGIN_{suffix}", "").strip().rstrip("/") or "http://localhost:3000"
     redirect = env.get(f"REDIRECT_URI_{suffix}", "").strip() or f"http://{host}:{port}/auth/callback"
     port_base = _int(env, "PORT_BASE", 8000, minimum=1)
-    if port_base > 65535 - 10:
-        raise ConfigError(f"PORT_BASE must leave room for 10 ports below 65536, got {port_base}")
+    if port_base + PORTS_PER_USER - 1 > HIGHEST_PORT:
+        raise ConfigError(f"PORT_BASE must leave room for {PORTS_PER_USER} ports up to {HIGHEST_PORT}, got {port_base}")
 
     return Settings(
         host=host,
@@ -189,4 +243,6 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         oauth_userinfo_url=env.get("OAUTH_USERINFO_URL", "").strip() or GOOGLE_USERINFO_URL,
         deploy_command=env.get("DEPLOY_COMMAND", "").strip() or "/opt/deploy.sh",
         session_days=_float(env, "SESSION_DAYS", 7.0, minimum=0.001),
+        allowed_hosts=_allowed_hosts(env, host, [frontend, redirect]),
+        trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
     )

@@ -1,5 +1,5 @@
-"""The server's durable state in one SQLite file: users, their port ranges, tab state and
-revoked tokens.
+"""The server's durable state in one SQLite file: users, their port ranges, tab state,
+revoked tokens and the webhook deliveries of the last day.
 
 Every write is one short transaction (`BEGIN IMMEDIATE`), so concurrent logins and tab saves
 never lose an update, and a crash leaves either the old record or the new one. The async
@@ -22,6 +22,7 @@ from typing import TypeVar
 from tornado.ioloop import IOLoop
 
 from .containers.backend import PORTS_PER_USER
+from .settings import HIGHEST_PORT
 
 T = TypeVar("T")
 MAX_IPS_KEPT = 20
@@ -45,11 +46,21 @@ MIGRATIONS = [
         expires_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        received_at REAL NOT NULL
+    );
+    """,
 ]
 
 
 class StoreError(Exception):
     """The database could not be read or written."""
+
+
+class NoPortsLeft(Exception):
+    """Every block of ports from PORT_BASE up to 65535 belongs to a user: no new user fits."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class Store:
     def __init__(self, path: Path, port_base: int) -> None:
         self.path = path
         self.port_base = port_base
+        self.port_slots = (HIGHEST_PORT + 1 - port_base) // PORTS_PER_USER
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._local = threading.local()
         self._revoked: dict[str, float] = {}
@@ -171,14 +183,16 @@ class Store:
             )
         return self._user_row(conn, user_id)
 
-    @staticmethod
-    def _free_slot(conn: sqlite3.Connection) -> int:
+    def _free_slot(self, conn: sqlite3.Connection) -> int:
         """The lowest port slot no user holds (slots freed by deleted users are reused)."""
         row = conn.execute(
             "SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM users WHERE port_slot = 0)"
             " UNION ALL SELECT port_slot + 1 FROM users u WHERE NOT EXISTS"
             " (SELECT 1 FROM users WHERE port_slot = u.port_slot + 1) ORDER BY slot LIMIT 1"
         ).fetchone()
+        if row[0] >= self.port_slots:
+            raise NoPortsLeft(f"no free range of {PORTS_PER_USER} ports is left for a new user"
+                              f" (PORT_BASE {self.port_base} to {HIGHEST_PORT} is full)")
         return row[0]
 
     def _user_row(self, conn: sqlite3.Connection, user_id: str) -> User:
@@ -236,6 +250,21 @@ class Store:
     def _load_revoked(self, conn: sqlite3.Connection) -> dict[str, float]:
         rows = conn.execute("SELECT jti, expires_at FROM revoked_tokens WHERE expires_at >= ?", (time.time(),))
         return {r["jti"]: r["expires_at"] for r in rows}
+
+    # -- webhook deliveries ---------------------------------------------------------------
+
+    async def first_delivery(self, delivery_id: str, keep_seconds: float) -> bool:
+        """Record a webhook delivery id; False when it was already seen within `keep_seconds`.
+
+        Only signed deliveries get here, and ids older than the window are dropped on every
+        call, so the table holds one day of the repository's events.
+        """
+        def write(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (time.time() - keep_seconds,))
+            cursor = conn.execute("INSERT OR IGNORE INTO webhook_deliveries VALUES (?, ?)", (delivery_id, time.time()))
+            return cursor.rowcount == 1
+
+        return await self._run(lambda: self._write(write))
 
     async def count_users(self) -> int:
         return await self._run(lambda: self._call(lambda c: c.execute("SELECT COUNT(*) FROM users").fetchone()[0]))

@@ -1,7 +1,8 @@
 """The local backend (`--backend local`): tmux on the host, for development and demos only.
 
 Each user gets a tmux server of their own, on a socket named for this deployment and the
-user (`tmux -L 3c-<deployment>-<user>`), configured with the image's tmux.conf, running as
+user (`tmux -L 3c-<deployment>-<hash of the user id>`: the whole id, so that two ids sharing
+a prefix never share a server), configured with the image's tmux.conf, running as
 the server's user with the workspace as its home and working folder. Nothing isolates it
 from the host: that is why the settings refuse it without `--dev` and a loopback host.
 
@@ -16,9 +17,9 @@ in between whose processes could be left behind.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
-import re
 import shlex
 import shutil
 from pathlib import Path
@@ -37,7 +38,6 @@ from threecompute.settings import Settings
 log = logging.getLogger(__name__)
 
 TMUX_CONF = Path(__file__).resolve().parent / "image" / "tmux.conf"
-UNSAFE_SOCKET_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 TMUX_TIMEOUT = 10.0
 
 
@@ -53,7 +53,7 @@ class LocalBackend(ContainerBackend):
         self.tmux_conf = str(tmux_conf)
 
     def socket_name(self, user_id: str) -> str:
-        return f"3c-{self.deployment}-{UNSAFE_SOCKET_CHARS.sub('_', user_id)[:20]}"
+        return f"3c-{self.deployment}-{hashlib.sha256(user_id.encode()).hexdigest()[:24]}"
 
     def socket_dir(self) -> Path:
         return Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.geteuid()}"

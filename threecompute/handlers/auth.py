@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 
 from tornado.ioloop import IOLoop
 
 from ..containers.backend import TAB_ID
 from ..identity import COOKIE_NAME, EmailNotVerified, SignInError
+from ..store import NoPortsLeft
 from .base import BaseHandler, HTTPError
+
+log = logging.getLogger("threecompute.auth")
 
 STATE_COOKIE = "3compute_oauth_state"
 NEXT_COOKIE = "3compute_oauth_next"  # where the callback goes when sign-in began at this server's page
@@ -27,11 +31,11 @@ class SessionCookieMixin(BaseHandler):
             expires_days=settings.session_days,
             httponly=True,
             samesite="Lax",
-            secure=settings.production,
+            secure=settings.secure_cookies,
         )
 
     async def sign_in(self, user_id: str, email: str) -> None:
-        await self.services.store.record_login(user_id, email, self.request.remote_ip)
+        await self.services.store.record_login(user_id, email, self.client_ip())
         await self.in_executor(self.services.workspaces.for_user, user_id)
         self.start_session(user_id, email)
 
@@ -40,11 +44,11 @@ class LoginHandler(SessionCookieMixin):
     def get(self) -> None:
         url, state = self.services.oauth.authorization_url()
         self.set_cookie(STATE_COOKIE, state, expires_days=1 / 144, httponly=True, samesite="Lax",
-                        secure=self.services.settings.production)
+                        secure=self.services.settings.secure_cookies)
         next_path = self.get_query_argument("next", "")
         if next_path:
             self.set_cookie(NEXT_COOKIE, safe_next_path(next_path), expires_days=1 / 144, httponly=True,
-                            samesite="Lax", secure=self.services.settings.production)
+                            samesite="Lax", secure=self.services.settings.secure_cookies)
         else:
             self.clear_cookie(NEXT_COOKIE)
         self.redirect(url)
@@ -71,7 +75,12 @@ class CallbackHandler(SessionCookieMixin):
             return
         except SignInError as exc:
             raise HTTPError(400, str(exc)) from None
-        await self.sign_in(profile.user_id, profile.email)
+        try:
+            await self.sign_in(profile.user_id, profile.email)
+        except NoPortsLeft as exc:
+            log.warning("sign-in of %s refused: %s", profile.email, exc)
+            self.redirect(f"{frontend}/login?error=no_ports_left")
+            return
         # Sign-in from the built-in workspace returns there; otherwise to the frontend.
         self.redirect(safe_next_path(next_path) if next_path else f"{frontend}/")
 

@@ -17,8 +17,9 @@ from tornado.ioloop import IOLoop
 
 from ..containers.backend import BackendError
 from ..identity import COOKIE_NAME, Identity
+from ..proxies import client_address
 from ..services import Services
-from ..store import StoreError, User
+from ..store import NoPortsLeft, StoreError, User
 from ..workspace import WorkspaceError
 
 log = logging.getLogger("threecompute.http")
@@ -130,6 +131,11 @@ class BaseHandler(tornado.web.RequestHandler):
             raise HTTPError(401, "unauthenticated")
         return user
 
+    def client_ip(self) -> str:
+        """The peer's address; `X-Forwarded-For` only when the peer is in TRUSTED_PROXIES."""
+        return client_address(self.request.remote_ip, self.request.headers.get_list("X-Forwarded-For"),
+                              self.services.settings.trusted_proxies)
+
     # -- bodies and answers ---------------------------------------------------------------
 
     def json_body(self) -> dict:
@@ -165,14 +171,30 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def _handle_request_exception(self, e: BaseException) -> None:
         # Map service errors onto statuses here, once, instead of in every handler.
-        if isinstance(e, WorkspaceError):
-            e = HTTPError(e.status, e.message)
-        elif isinstance(e, BackendError):
-            e = HTTPError(503, str(e))
-        elif isinstance(e, StoreError):
-            log.error("store failure: %s", e)
-            e = HTTPError(503, "the server's database is unavailable")
-        super()._handle_request_exception(e)
+        mapped = as_http_error(e)
+        if mapped is None:
+            super()._handle_request_exception(e)
+            return
+        # Tornado's error path reads sys.exc_info(), not `e`: raise the mapped error so that
+        # its message is the one the client gets.
+        try:
+            raise mapped from e
+        except HTTPError as current:
+            super()._handle_request_exception(current)
+
+
+def as_http_error(e: BaseException) -> HTTPError | None:
+    """The client-facing error for a service layer's exception; None for anything else."""
+    if isinstance(e, WorkspaceError):
+        return HTTPError(e.status, e.message)
+    if isinstance(e, BackendError):
+        return HTTPError(503, str(e))
+    if isinstance(e, NoPortsLeft):
+        return HTTPError(503, str(e))
+    if isinstance(e, StoreError):
+        log.error("store failure: %s", e)
+        return HTTPError(503, "the server's database is unavailable")
+    return None
 
 
 def error_message(status_code: int, exc_info: Any) -> str:

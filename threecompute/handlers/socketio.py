@@ -59,6 +59,7 @@ from ..services import Services
 from ..terminal_frames import FrameError, InputRouter, parse_event
 from .base import origin_allowed
 from .terminal import MAX_FRAME_BYTES, wants_files_changed
+from .ws_protocol import ClosingWebSocketHandler
 
 log = logging.getLogger("threecompute.socketio")
 NAMESPACE = "/"
@@ -105,7 +106,7 @@ def make_handler_class(sio: socketio.AsyncServer) -> type[tornado.websocket.WebS
     """python-socketio's Tornado handler, with our Origin rule on every request and upgrade."""
     base: type[tornado.websocket.WebSocketHandler] = socketio.get_tornado_handler(sio)
 
-    class SocketIOHandler(base):  # type: ignore[valid-type, misc]
+    class SocketIOHandler(ClosingWebSocketHandler, base):  # type: ignore[valid-type, misc]
         def initialize(self, services: Services) -> None:
             self.services = services
 

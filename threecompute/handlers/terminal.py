@@ -21,6 +21,7 @@ from ..pty import Terminal
 from ..services import Services
 from ..terminal_frames import FrameError, InputRouter, parse_frame
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
+from .ws_protocol import ClosingWebSocketHandler
 
 log = logging.getLogger("threecompute.terminal")
 MAX_FRAME_BYTES = 1024 * 1024
@@ -47,7 +48,7 @@ def wants_files_changed(events: str) -> bool:
     return "files-changed" in events.split(",")
 
 
-class TerminalSocket(tornado.websocket.WebSocketHandler):
+class TerminalSocket(ClosingWebSocketHandler):
     services: Services
     user: UserRef
     tab_id: str

@@ -14,6 +14,8 @@ log = logging.getLogger("threecompute.webhook")
 SIGNATURE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
 # Read before the signature can be checked, so kept small: workflow_run payloads are tens of KB.
 MAX_WEBHOOK_BYTES = 1024 * 1024
+DELIVERY_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")  # GitHub's are UUIDs
+DELIVERY_MEMORY_SECONDS = 86400.0
 
 
 class GithubWebhookHandler(BaseHandler):
@@ -22,7 +24,7 @@ class GithubWebhookHandler(BaseHandler):
     def check_origin_for_unsafe_method(self) -> None:
         """GitHub sends no Origin; the signature is what authenticates this endpoint."""
 
-    def post(self) -> None:
+    async def post(self) -> None:
         secret = self.services.settings.github_webhook_secret
         if not secret:
             raise HTTPError(503, "webhook secret is not configured")
@@ -36,6 +38,11 @@ class GithubWebhookHandler(BaseHandler):
             event = json.loads(self.request.body)
         except (ValueError, UnicodeDecodeError):
             raise HTTPError(400, "body is not valid JSON") from None
+        if not await self.first_delivery():
+            log.info("webhook ignored: duplicate delivery %s", self.request.headers["X-GitHub-Delivery"])
+            self.set_header("X-Reason", "duplicate delivery")
+            self.answer({"status": "duplicate"})
+            return
         reason = skip_reason(event)
         if reason:
             log.info("webhook ignored: %s", reason)
@@ -45,6 +52,19 @@ class GithubWebhookHandler(BaseHandler):
             return
         started = self.services.deployer.trigger()
         self.answer({"status": "started" if started else "queued"}, 200 if started else 202)
+
+    async def first_delivery(self) -> bool:
+        """A delivery id seen in the last day is a replay (or GitHub's redelivery): run nothing.
+
+        The id is not covered by the signature; it stops redeliveries and replays of a
+        captured request as sent. Requests without one are not deduplicated.
+        """
+        delivery = self.request.headers.get("X-GitHub-Delivery")
+        if delivery is None:
+            return True
+        if not DELIVERY_ID.match(delivery):
+            raise HTTPError(400, "X-GitHub-Delivery must be 1-100 letters, digits or dashes")
+        return await self.services.store.first_delivery(delivery, DELIVERY_MEMORY_SECONDS)
 
 
 def skip_reason(event: object) -> str | None:
