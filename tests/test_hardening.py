@@ -190,8 +190,8 @@ async def test_a_quiet_upload_sender_is_cut_off(make_client, data_dir, http_port
 
 @pytest.mark.gen_test(timeout=60)
 async def test_slow_senders_are_cut_off_before_and_during_a_small_body(http_server, http_port):
-    silent, _w1 = await raw(http_port, "GET /healthz HTTP/1.1\r\nHost: x")  # headers never end
-    slow, _w2 = await raw(http_port, "POST /auth/tabs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n", b"{")
+    silent, _w1 = await raw(http_port, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1")  # headers never end
+    slow, _w2 = await raw(http_port, "POST /auth/tabs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n", b"{")
     started = time.monotonic()
     await closed_by_server(silent, SHORT_TIMEOUT + 5)
     await closed_by_server(slow, SHORT_TIMEOUT + 5)
@@ -206,7 +206,7 @@ async def test_dropped_puts_and_uploads_leave_nothing_behind(make_client, servic
     attacker, bystander = await signed_in(make_client, ATTACKER), await signed_in(make_client, BYSTANDER)
     await attacker.fetch("/list-files")
     boundary = uuid.uuid4().hex
-    put_head = (f"PUT /file/dropped.txt HTTP/1.1\r\nHost: x\r\nCookie: {attacker.cookie_header()}\r\n"
+    put_head = (f"PUT /file/dropped.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {attacker.cookie_header()}\r\n"
                 "Content-Length: 100000\r\n")
     baseline_fds, baseline_handlers = open_fds(), live_handlers()
     async with Bystander(bystander) as watch:
@@ -252,7 +252,8 @@ async def test_form_fields_are_capped_in_number_and_size(make_client, data_dir):
 @pytest.mark.gen_test(timeout=30)
 async def test_a_large_unauthenticated_body_is_refused_unread(http_port, make_client):
     started = time.monotonic()
-    reader, writer = await raw(http_port, "POST /auth/tabs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    reader, writer = await raw(http_port, "POST /auth/tabs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                          "Content-Type: application/json\r\n"
                                           f"Content-Length: {1024 * 1024}\r\n", b"{" + b" " * 1023)
     answer = await closed_by_server(reader, 5)  # after 1 KiB of the 1 MiB
     writer.close()
@@ -263,7 +264,8 @@ async def test_a_large_unauthenticated_body_is_refused_unread(http_port, make_cl
     assert "larger than" in json.loads(body[:length])["error"]
     assert time.monotonic() - started < 3
     # An upload's large limit comes only after authentication.
-    reader, writer = await raw(http_port, "PUT /file/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n", b"y" * 1024)
+    reader, writer = await raw(http_port, "PUT /file/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n",
+                               b"y" * 1024)
     answer = await closed_by_server(reader, 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
@@ -362,7 +364,8 @@ async def test_files_named_like_temporary_files_are_listed(make_client, data_dir
     assert (await client.fetch(f"/file/{names[1]}", "PUT", b"from the API")).code == 200
     assert body_json(await client.fetch("/list-files")) == {"files": sorted(names)}
     # A PUT in progress puts nothing in the workspace; its bytes wait outside it.
-    head = f"PUT /file/new.txt HTTP/1.1\r\nHost: x\r\nCookie: {client.cookie_header()}\r\nContent-Length: 1000\r\n"
+    head = (f"PUT /file/new.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {client.cookie_header()}\r\n"
+            "Content-Length: 1000\r\n")
     reader, writer = await raw(http_port, head, b"half")
     await wait_for(lambda: len(os.listdir(temp_of(data_dir, ATTACKER))) == 1, what="the PUT's temporary file")
     assert sorted(os.listdir(root)) == sorted(names)

@@ -49,8 +49,9 @@ class LoginHandler(SessionCookieMixin):
         if next_path:
             self.set_cookie(NEXT_COOKIE, safe_next_path(next_path), expires_days=1 / 144, httponly=True,
                             samesite="Lax", secure=self.services.settings.secure_cookies)
-        else:
-            self.clear_cookie(NEXT_COOKIE)
+        elif self.get_cookie(NEXT_COOKIE) is not None:
+            self.clear_cookie(NEXT_COOKIE, httponly=True, samesite="Lax",
+                              secure=self.services.settings.secure_cookies)
         self.redirect(url)
 
 
@@ -63,9 +64,11 @@ class CallbackHandler(SessionCookieMixin):
         code = self.get_query_argument("code", "")
         if not code:
             raise HTTPError(400, "sign-in code is missing")
-        self.clear_cookie(STATE_COOKIE)
+        secure = self.services.settings.secure_cookies
+        self.clear_cookie(STATE_COOKIE, httponly=True, samesite="Lax", secure=secure)
         next_path = self.get_cookie(NEXT_COOKIE)
-        self.clear_cookie(NEXT_COOKIE)
+        if next_path is not None:
+            self.clear_cookie(NEXT_COOKIE, httponly=True, samesite="Lax", secure=secure)
         frontend = self.services.settings.frontend_origin
         try:
             profile = await IOLoop.current().run_in_executor(None, self.services.oauth.finish, code)
