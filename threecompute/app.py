@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import tornado.web
+from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
 from tornado.log import access_log
 
 from .handlers import auth, files, ops, terminal, webhook
-from .handlers.base import BaseHandler, HTTPError
+from .handlers.base import BaseHandler, HTTPError, PreflightHandler
 from .handlers.socketio import socketio_routes
 from .services import Services
 
@@ -36,6 +38,23 @@ class IndexHandler(BaseHandler):
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise HTTPError(404, "not found")
+
+
+class Application(tornado.web.Application):
+    """Tornado's application, with every OPTIONS request answered by the CORS preflight.
+
+    Routed before the table so that no route's own prepare (authentication, the Origin rule,
+    streamed bodies, WebSocket upgrades, the 404 handler) ever sees a preflight.
+    """
+
+    def __init__(self, services: Services, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.preflight_args = {"services": services}
+
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> HTTPMessageDelegate:
+        if request.method == "OPTIONS":
+            return self.get_handler_delegate(request, PreflightHandler, self.preflight_args)
+        return super().find_handler(request, **kwargs)
 
 
 AUTH_ROUTES = [
@@ -66,7 +85,8 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),
     ]
-    return tornado.web.Application(
+    return Application(
+        services,
         [(pattern, handler, {"services": services}) for pattern, handler in routes]
         + socketio_routes(services),
         default_handler_class=NotFoundHandler,

@@ -24,6 +24,9 @@ from .base import BaseHandler, HTTPError
 log = logging.getLogger("threecompute.files")
 T = TypeVar("T")
 MAX_UPLOAD_BYTES = 10 * 1024**3
+# On every file answer: an SVG renders in <img>, but opened as a page it runs no script
+# (sandbox) and loads nothing (default-src); inline style is all an SVG needs to draw.
+FILE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 READ_CHUNK_BYTES = 256 * 1024
 
 
@@ -157,7 +160,7 @@ class FileHandler(WorkspaceHandler):
         info, file, chunk = await self.on_workspace(open_with_first_chunk, self.path_argument())
         with file:
             self.set_header("Content-Type", info.media_type)
-            self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+            self.set_header("Content-Security-Policy", FILE_CSP)
             if info.as_attachment:
                 self.set_header("Content-Disposition", "attachment")
             self.set_header("Content-Length", str(info.size))
