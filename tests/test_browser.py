@@ -4,11 +4,14 @@ SVG in <img>, and an SVG with a script opened as a page."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pyte
 import pytest
 import tornado.httpserver
 import tornado.testing
@@ -27,7 +30,31 @@ SHAPE = (b"<svg xmlns='http://www.w3.org/2000/svg' width='40' height='20'>"
 SCRIPTED = (b"<svg xmlns='http://www.w3.org/2000/svg' width='40' height='20'>"
             b"<script>document.documentElement.setAttribute('data-ran', 'yes'); console.log('svg script ran')</script>"
             b"<rect width='40' height='20'/></svg>")
-PAGE = "<!doctype html><title>frontend</title><body>frontend</body>"
+# The frontend's terminal calls, on a bare WebSocket: Engine.IO 4 / Socket.IO 5 framing, as
+# socket.io-client sends it once upgraded (no client library ships with the test suite).
+PAGE = """<!doctype html><title>frontend</title><body>frontend<script>
+window.out = ''; window.errors = [];
+function openTab(server, tabId, rows, cols) {
+  return new Promise((ready, failed) => {
+    const ws = new WebSocket(server.replace('http', 'ws') + '/socket.io/?EIO=4&transport=websocket&tabId=' + tabId);
+    window.tab = ws;
+    ws.onerror = () => failed('websocket error');
+    ws.onmessage = ({data}) => {
+      if (data[0] === '0') ws.send('40');
+      else if (data === '2') ws.send('3');
+      else if (data.startsWith('40')) { ws.send('42' + JSON.stringify(['resize', {cols, rows}])); ready(); }
+      else if (data.startsWith('42')) {
+        const [name, body] = JSON.parse(data.slice(2));
+        if (name === 'pty-output') window.out += body.output; else window.errors.push(body.message);
+      }
+    };
+  });
+}
+function typeIn(text) { window.tab.send('42' + JSON.stringify(['pty-input', {input: text}])); }
+</script></body>"""
+ROWS, COLS = 30, 110
+MARKER = "earlier-output-42"
+RELOADS = 10
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -164,3 +191,38 @@ async def test_an_svg_opened_as_a_page_runs_no_script(server, page_origin, page_
         assert await page.evaluate("document.documentElement.getAttribute('data-ran')") is None
         assert "svg script ran" not in console
         assert any("sandboxed" in line for line in console), console  # the policy is what stopped it
+
+
+async def screen_shows(page, within: float) -> tuple[bool, str]:
+    """Whether the page's output, read as xterm.js would show it, has the marker and a prompt."""
+    deadline = time.monotonic() + within
+    while True:
+        screen = pyte.Screen(COLS, ROWS)
+        pyte.Stream(screen).feed(await page.evaluate("window.out"))
+        prompt = screen.display[screen.cursor.y][: screen.cursor.x].strip()
+        if any(MARKER in line for line in screen.display) and prompt.endswith(("$", "#")):
+            return True, ""
+        if time.monotonic() >= deadline:
+            return False, "\n".join(line.rstrip() for line in screen.display if line.strip())
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.gen_test(timeout=180)
+@pytest.mark.parametrize("server_flags", [
+    ["--dev", "--backend", "local", "--host", "127.0.0.1"],
+    pytest.param(["--dev", "--backend", "docker", "--host", "127.0.0.1"], marks=pytest.mark.docker),
+], ids=["local", "docker"])
+async def test_a_socketio_tab_reattached_after_a_reload_shows_its_screen(server, page_origin, page_server,
+                                                                         tmp_path, services):
+    async with chromium(tmp_path) as browser:
+        page = await signed_in_page(browser, server, page_origin)
+        await page.evaluate("([s, rows, cols]) => openTab(s, '1', rows, cols)", [server, ROWS, COLS])
+        await page.evaluate("typeIn('clear; echo earlier-output-$((6*7))\\r')")
+        shown, screen = await screen_shows(page, 30)
+        assert shown, screen
+        for reload in range(RELOADS):
+            await page.reload()
+            await page.evaluate("([s, rows, cols]) => openTab(s, '1', rows, cols)", [server, ROWS, COLS])
+            shown, screen = await screen_shows(page, 1.0)
+            assert shown, f"reload {reload}: after 1 s the screen shows only:\n{screen}"
+            assert await page.evaluate("window.errors") == []
