@@ -1,6 +1,7 @@
 """The frontend's own calls, made by a page in headless Chromium (Debian's, driven by
 Playwright) served from another loopback origin: saving a file with a credentialed PUT, an
-SVG in <img>, and an SVG with a script opened as a page."""
+SVG in <img>, an SVG with a script opened as a page, and a Socket.IO tab re-attached after a
+page reload, its screen read with pyte."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import tornado.httpserver
 import tornado.testing
 import tornado.web
+from playwright import async_api as playwright_api
 
 from threecompute.handlers.auth import dev_user_id
 
@@ -56,7 +58,6 @@ ROWS, COLS = 30, 110
 MARKER = "earlier-output-42"
 RELOADS = 10
 
-playwright_api = pytest.importorskip("playwright.async_api")
 
 
 @pytest.fixture(autouse=True)
