@@ -1,5 +1,6 @@
 """A re-attached tab shows its current screen at once: 50 re-attaches per transport and
-backend, each read with a terminal emulator (pyte) for at most 1 s, without typing."""
+backend, each read with a terminal emulator (pyte) for at most 1 s, without typing; and each
+backend's redraw sends the whole screen again."""
 
 from __future__ import annotations
 
@@ -150,3 +151,17 @@ async def test_a_reattached_tab_shows_its_screen_at_once(client, services, serve
     print(f"{transport}: screen shown after p50 {waits[len(waits) // 2]:.3f} s, max {waits[-1]:.3f} s")
     assert not blank, f"{len(blank)} of {REATTACHES} re-attaches blank after 1 s: {blank[:3]}"
 
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_the_backends_redraw_sends_the_whole_screen_again(client, services, server_flags):
+    await client.dev_login(EMAIL)
+    ws = await TerminalClient.open(client, tab="1")  # no resize: the hub asks for no redraw itself
+    try:
+        await ws.run("echo earlier-output-$((6*7))", MARKER, timeout=60)
+        await asyncio.sleep(0.3)  # the prompt after it
+        [terminal] = services.hub.terminals_of(dev_user_id(EMAIL))
+        await services.backend.redraw(terminal.box, terminal.client_id, terminal.session.pid)
+        await ws.read_until(MARKER, timeout=5)  # nothing was typed: only a redraw shows it again
+    finally:
+        ws.close()
