@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint image engine bench loadtest clean web
+.PHONY: setup run test test-fast lint image engine browser bench loadtest clean web
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,10 @@ engine: ## install and start a Docker engine if none answers
 image: engine ## build the 3compute image without a registry (cached)
 	scripts/build-image.sh
 
-test: setup image web ## the whole suite, against a real Docker engine (and Debian's chromium)
-	@command -v chromium >/dev/null || scripts/build-web.sh --browser
+browser: ## Debian's Chromium for the browser tests (installed with apt when missing)
+	scripts/chromium.sh
+
+test: setup image web browser ## the whole suite, against a real Docker engine and a real browser
 	REQUIRE_DOCKER=1 REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup ## the suite without the Docker tests

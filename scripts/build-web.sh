@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Build the built-in web workspace (web/ -> web/dist/) with esbuild.
 #
-#   scripts/build-web.sh [--browser]
+#   scripts/build-web.sh
 #
 # Installs Node.js and npm with apt when the machine lacks them, installs the locked npm
 # packages (`npm ci`) when node_modules is missing or older than package-lock.json, then
-# bundles. --browser also installs Debian's chromium, which the browser tests drive.
+# bundles.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,9 +20,6 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-if [ "${1:-}" = --browser ] && ! command -v chromium >/dev/null; then
-    apt_install chromium
-fi
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     apt_install nodejs npm
 fi

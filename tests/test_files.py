@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from threecompute.handlers.auth import dev_user_id
+from threecompute.handlers.files import FILE_CSP
 
 from .conftest import FRONTEND, Client, body_json
 
@@ -90,7 +91,7 @@ async def test_write_read_list_delete_round_trip(client, workspace):
 @pytest.mark.gen_test
 @pytest.mark.parametrize("name, content, media_type", [
     ("page.html", b"<script>alert(1)</script>", "text/plain; charset=utf-8"),
-    ("img.svg", b"<svg onload=alert(1)></svg>", "text/plain; charset=utf-8"),
+    ("img.svg", b"<svg onload=alert(1)></svg>", "image/svg+xml"),
     ("app.js", b"alert(1)", "text/plain; charset=utf-8"),
     ("data.json", b'{"a": 1}', "text/plain; charset=utf-8"),
     ("pic.png", b"\x89PNG\r\n\x1a\n" + bytes(range(200)), "image/png"),
@@ -102,6 +103,7 @@ async def test_content_is_never_served_as_html_or_script(client, name, content, 
     assert answer.code == 200 and answer.body == content
     assert answer.headers["Content-Type"] == media_type
     assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert answer.headers["Content-Security-Policy"] == FILE_CSP  # no script runs in it as a page
 
 
 @pytest.mark.gen_test
@@ -110,7 +112,7 @@ async def test_unknown_binary_is_an_attachment(client):
     await client.fetch("/file/blob.html", "PUT", b"\xff\xfe<html>" + bytes(range(256)))
     answer = await client.fetch("/file/blob.html")
     assert answer.headers["Content-Disposition"].startswith("attachment")
-    assert answer.headers["Content-Security-Policy"].startswith("sandbox")
+    assert answer.headers["Content-Security-Policy"] == FILE_CSP
 
 
 @pytest.mark.gen_test

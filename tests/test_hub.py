@@ -46,6 +46,9 @@ class FakeBackend(ContainerBackend):
         if self.detach_error is not None:
             raise self.detach_error
 
+    async def redraw(self, box: Box, client_id: str, pid: int) -> None:
+        self.calls.append(("redraw", box.user.user_id, client_id, pid))
+
     async def close_tab(self, user: UserRef, tab_id: str) -> None:
         pass
 
@@ -245,3 +248,21 @@ async def test_metrics_count_terminals_and_attach_latency(hub, backend, tmp_path
     await hub.close(second)
     assert hub.metrics()["open_terminals"] == 0
 
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_first_resize_signals_the_foreground_and_asks_for_one_redraw(hub, backend, tmp_path):
+    terminal, out = await open_terminal(hub, user(tmp_path, "alice"))
+    terminal.write("trap 'echo winched-$((40+2))' WINCH\n")
+    await out.wait_for("[1]$ trap")
+    terminal.resize(24, 80)  # the size it has: the kernel signals nothing, the hub does
+    await out.wait_for("winched-42")
+    deadline = time.monotonic() + 5
+    while not backend.events("redraw") and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert backend.events("redraw") == [("redraw", "alice", terminal.client_id, terminal.session.pid)]
+    terminal.resize(30, 100)
+    terminal.resize(31, 100)
+    await asyncio.sleep(0.3)
+    assert len(backend.events("redraw")) == 1, backend.calls
+    await hub.close(terminal)

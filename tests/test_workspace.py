@@ -280,7 +280,7 @@ def test_read_missing_or_folder_is_404(ws: Workspace) -> None:
 @pytest.mark.parametrize(("name", "content", "media", "attachment"), [
     ("main.py", b"print('hi')\n", TEXT, False),
     ("page.html", b"<script>alert(1)</script>", TEXT, False),
-    ("icon.svg", b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>", TEXT, False),
+    ("icon.svg", b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>", "image/svg+xml", False),
     ("data.json", b'{"a": 1}', TEXT, False),
     ("app.js", "const s = '\u00e9\u4e2d';".encode(), TEXT, False),
     ("no_extension", b"plain words", TEXT, False),
@@ -290,7 +290,7 @@ def test_read_missing_or_folder_is_404(ws: Workspace) -> None:
     ("blob.bin", bytes(range(256)) * 4, "application/octet-stream", True),
     ("blob", b"\xff\xfe\x00binary", "application/octet-stream", True),
     ("binary.html", b"\xff<script>alert(1)</script>", "text/html", True),
-    ("binary.svg", b"\xff<svg/>", "image/svg+xml", True),
+    ("binary.svg", b"\xff<svg/>", "image/svg+xml", False),
     ("archive.zip", b"PK\x03\x04\xff\xff", "application/zip", True),
 ])
 def test_media_types(ws: Workspace, name: str, content: bytes, media: str, attachment: bool) -> None:

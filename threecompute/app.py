@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 import tornado.httputil
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
 from tornado.log import access_log
 
 from .handlers import auth, files, ops, terminal, webhook
-from .handlers.base import BaseHandler, HTTPError
+from .handlers.base import BaseHandler, HTTPError, PreflightHandler
 from .handlers.socketio import socketio_routes
 from .handlers.web import web_routes
 from .services import Services
@@ -55,20 +57,27 @@ class MisdirectedHandler(BaseHandler):
         raise HTTPError(421, "this server does not answer for that Host")
 
 
-class HostCheckingApplication(tornado.web.Application):
-    """Only the configured host names reach a handler (HTTP, WebSocket and Socket.IO alike).
+class Application(tornado.web.Application):
+    """Tornado's application with two checks routed before the table.
 
-    A page on a rebound name (`evil.example` resolving to this server) is same-origin with
+    Only the configured host names reach a handler (HTTP, WebSocket and Socket.IO alike): a
+    page on a rebound name (`evil.example` resolving to this server) is same-origin with
     itself, so Origin checks alone would let it in; its `Host` header gives it away.
+    Every OPTIONS request is the CORS preflight, so that no route's own prepare
+    (authentication, the Origin rule, streamed bodies, WebSocket upgrades, the 404 handler)
+    ever sees one.
     """
 
-    def __init__(self, *args: object, services: Services, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, services: Services, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.services = services
+        self.handler_args = {"services": services}
 
-    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: object):  # noqa: ANN201
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> HTTPMessageDelegate:
         if not host_allowed(request.host, self.services.settings.allowed_hosts):
-            return self.get_handler_delegate(request, MisdirectedHandler, {"services": self.services})
+            return self.get_handler_delegate(request, MisdirectedHandler, self.handler_args)
+        if request.method == "OPTIONS":
+            return self.get_handler_delegate(request, PreflightHandler, self.handler_args)
         return super().find_handler(request, **kwargs)
 
 
@@ -113,7 +122,8 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),
     ]
-    return HostCheckingApplication(
+    return Application(
+        services,
         [(pattern, handler, {"services": services}) for pattern, handler in routes]
         + web_routes(services)
         + socketio_routes(services),
@@ -124,7 +134,6 @@ def make_app(services: Services) -> tornado.web.Application:
         websocket_ping_timeout=terminal.PING_TIMEOUT_SECONDS,
         debug=False,
         log_function=log_request,
-        services=services,
     )
 
 

@@ -41,11 +41,12 @@ FOLDER_MODE = 0o775
 TEXT_TYPE = "text/plain; charset=utf-8"
 SNIFF_BYTES = 64 * 1024
 OUTSIDE = "path leads outside the workspace"
-# Raster images are the only types a browser may render inline from the API's origin
-# without any risk of script; SVG can carry script, so it is served as text.
+# The types a browser may render inline from the API's origin. Raster images carry no
+# script. SVG can, so it is kept by name whatever its content only because the file API
+# always answers with a sandboxing Content-Security-Policy (no script runs in a page of it).
 IMAGE_TYPES = frozenset({
     "image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/x-ms-bmp",
-    "image/x-icon", "image/vnd.microsoft.icon",
+    "image/x-icon", "image/vnd.microsoft.icon", "image/svg+xml",
 })
 # The listing answers at most this many entries (shallowest first); see `Listing`.
 MAX_LISTED_ENTRIES = 10_000
@@ -135,8 +136,6 @@ def _media_type(name: str, head: bytes, complete: bool) -> tuple[str, bool]:
 
 def _is_inert(media: str) -> bool:
     """Whether a browser shows this type without running anything from the API's origin."""
-    if media == "image/svg+xml":
-        return False
     return media.startswith(("image/", "audio/", "video/")) or media in ("application/pdf", "text/plain")
 
 

@@ -87,6 +87,9 @@ class ContainerBackend(abc.ABC):
     async def detach(self, box: Box, client_id: str) -> None:
         """End the tmux client that attachment `client_id` started (the session lives on)."""
 
+    async def redraw(self, box: Box, client_id: str, pid: int) -> None:
+        """Make the tmux client of attachment `client_id` (under the PTY child `pid`) redraw its screen."""
+
     @abc.abstractmethod
     async def close_tab(self, user: UserRef, tab_id: str) -> None:
         """Kill a tab's tmux session and its programs; no error if it is already gone."""

@@ -96,6 +96,14 @@ DETACH_SCRIPT = (
     "if [ -f $f ]; then p=$(cat $f); "
     "case $(cat /proc/$p/comm 2>/dev/null) in tmux*|sh|dash) kill -HUP $p;; esac; rm -f $f $f.gone; fi"
 )
+# SIGWINCH to the attachment's tmux client once it is attached: the client re-reads its
+# size and the server redraws it whole (tmux does that for every resize message, even to the
+# same size). Up to 3 s for the client to attach; the wrapper's pid is the client's after exec.
+REDRAW_SCRIPT = (
+    "f={dir}/{cid}; for i in $(seq 30); do p=$(cat $f 2>/dev/null); "
+    "if [ -n \"$p\" ] && tmux list-clients -F '#{{client_pid}}' 2>/dev/null | grep -qx \"$p\"; then "
+    "kill -WINCH $p; exit 0; fi; sleep 0.1; done"
+)
 CD_SCRIPT = (
     ": {dir}; tmux list-sessions -F '#{{session_name}} #{{pane_current_command}}' 2>/dev/null | "
     "while read -r s c; do case $c in {shells}) "
@@ -401,6 +409,13 @@ class DockerBackend(ContainerBackend):
             await self._run(self._exec, box.ref, ["sh", "-c", script])
         except (BackendError, docker.errors.APIError) as exc:
             log.debug("detach %s from %s: %s", client_id, box.ref[:12], exc)
+
+    async def redraw(self, box: Box, client_id: str, pid: int) -> None:
+        script = REDRAW_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id))
+        try:
+            await self._run(self._exec, box.ref, ["sh", "-c", script])
+        except (BackendError, docker.errors.APIError) as exc:
+            log.debug("redraw %s in %s: %s", client_id, box.ref[:12], exc)
 
     async def close_tab(self, user: UserRef, tab_id: str) -> None:
         """Kill the tab's session. Raises BackendError only when the engine is unreachable."""

@@ -17,11 +17,13 @@ in between whose processes could be left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import shlex
 import shutil
+import signal
 from pathlib import Path
 
 from threecompute.containers import clean_folder, deployment_id
@@ -37,6 +39,7 @@ from threecompute.settings import Settings
 
 log = logging.getLogger(__name__)
 
+REDRAW_TRIES, REDRAW_POLL_SECONDS = 30, 0.1  # how long a new tmux client may take to attach
 TMUX_CONF = Path(__file__).resolve().parent / "image" / "tmux.conf"
 TMUX_TIMEOUT = 10.0
 
@@ -83,6 +86,15 @@ class LocalBackend(ContainerBackend):
 
     async def detach(self, box: Box, client_id: str) -> None:
         """Nothing to do: the tmux client ended with the PTY (see the module docstring)."""
+
+    async def redraw(self, box: Box, client_id: str, pid: int) -> None:
+        """SIGWINCH to the tmux client (the PTY's own child) once it is attached (see DockerBackend)."""
+        for _ in range(REDRAW_TRIES):
+            if str(pid) in (await self._tmux(box.user, "list-clients", "-F", "#{client_pid}")).split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGWINCH)
+                return
+            await asyncio.sleep(REDRAW_POLL_SECONDS)
 
     async def close_tab(self, user: UserRef, tab_id: str) -> None:
         await self._tmux(user, "kill-session", "-t", f"={tmux_session_name(tab_id)}")

@@ -26,6 +26,9 @@ log = logging.getLogger("threecompute.http")
 T = TypeVar("T")
 MAX_JSON_BYTES = 16 * 1024  # every body unless a handler allows more (after authentication)
 UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+# Request headers a frontend page may send; nothing here reads an identity from a header.
+PREFLIGHT_HEADERS = {"content-type", "accept", "accept-language", "content-language", "x-requested-with",
+                     "cache-control", "pragma"}
 
 
 class HTTPError(tornado.web.HTTPError):
@@ -104,14 +107,6 @@ class BaseHandler(tornado.web.RequestHandler):
             and not origin_allowed(origin, self.services.settings.frontend_origin, self.request.host)
         ):
             raise HTTPError(403, "cross-origin request refused")
-
-    def options(self, *args: Any) -> None:
-        """CORS preflight: only the frontend origin gets an answer that allows anything."""
-        if self.request.headers.get("Origin") == self.services.settings.frontend_origin:
-            self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
-            self.set_header("Access-Control-Allow-Headers", "Content-Type")
-            self.set_header("Access-Control-Max-Age", "600")
-        self.set_status(204)
 
     # -- identity -------------------------------------------------------------------------
 
@@ -195,6 +190,35 @@ def as_http_error(e: BaseException) -> HTTPError | None:
         log.error("store failure: %s", e)
         return HTTPError(503, "the server's database is unavailable")
     return None
+
+
+class PreflightHandler(BaseHandler):
+    """Every OPTIONS request, whatever its path (the application routes them all here).
+
+    A browser's preflight carries no cookie, so it is answered before any authentication,
+    Origin or body check a route's own handler makes. Only the frontend origin gets the
+    Access-Control-Allow-* headers; any other gets the same 204 without them, which the
+    browser takes as a refusal.
+    """
+
+    def prepare(self) -> None:
+        pass
+
+    def options(self, *args: Any) -> None:
+        self.set_header("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
+        if self.request.headers.get("Origin") == self.services.settings.frontend_origin:
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", allowed_request_headers(
+                self.request.headers.get("Access-Control-Request-Headers", "")))
+            self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+
+def allowed_request_headers(requested: str) -> str:
+    """The requested headers this API reads or ignores harmlessly; Content-Type at least."""
+    names = {name.strip().lower() for name in requested.split(",")} & PREFLIGHT_HEADERS
+    return ", ".join(sorted(names | {"content-type"}))
 
 
 def error_message(status_code: int, exc_info: Any) -> str:

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,8 @@ from .session import PtySession, Send
 log = logging.getLogger(__name__)
 
 DETACH_TIMEOUT = 10.0
+REDRAW_SETTLE_SECONDS = 0.05  # for the first resize to reach the tmux client before asking again
+REDRAW_TIMEOUT = 10.0
 # Server settings must not leak into users' shells (the local backend runs tmux with this
 # environment; `docker exec -e NAME` without a value would copy it into the container).
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
@@ -53,6 +56,7 @@ class Terminal:
     box: Box
     session: PtySession
     opened_at: float = field(default_factory=time.monotonic)
+    on_first_resize: Callable[[], None] | None = field(default=None, repr=False)
     _closing: asyncio.Future | None = field(default=None, repr=False)
 
     @property
@@ -70,6 +74,9 @@ class Terminal:
 
     def resize(self, rows: int, cols: int) -> None:
         self.session.resize(rows, cols)
+        hook, self.on_first_resize = self.on_first_resize, None
+        if hook is not None:
+            hook()
 
 
 class LatencyWindow:
@@ -164,6 +171,7 @@ class TerminalHub:
         self._by_user: dict[str, dict[str, Terminal]] = {}
         self._shutting_down = False
         self._background: set[asyncio.Future] = set()
+        self._redraws: set[asyncio.Future] = set()
         self._attach = LatencyWindow()
         self._first_output = LatencyWindow()
         self._counters = dict.fromkeys(
@@ -203,6 +211,8 @@ class TerminalHub:
             raise BackendError(f"could not start the terminal: {exc}") from exc
         self._attach.add(time.monotonic() - started)
         terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session)
+        # Not in _background: shutdown need not wait for a redraw.
+        terminal.on_first_resize = lambda: self._spawn(self._redraw(terminal), self._redraws)
         self._register(terminal)
         return terminal
 
@@ -268,6 +278,32 @@ class TerminalHub:
 
         return timed
 
+    @staticmethod
+    def _spawn(coro: Awaitable[None], tasks: set[asyncio.Future]) -> None:
+        """A task kept referenced in `tasks` until it ends."""
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _redraw(self, terminal: Terminal) -> None:
+        """After the client's first size: make sure its tmux client has that size and redraws.
+
+        The first resize lands while `docker exec` and tmux are still starting, so its
+        SIGWINCH can reach either before it handles the signal, and be lost; tmux then
+        keeps the size it read first, and the screen it drew for that size is all the
+        client ever gets until the next change (see ARCHITECTURE.md, "Re-attaching").
+        Asking again once tmux is attached costs one redraw and closes that window.
+        """
+        await asyncio.sleep(REDRAW_SETTLE_SECONDS)
+        if terminal.closed:
+            return
+        terminal.session.signal_foreground(signal.SIGWINCH)  # docker: the CLI re-reads its size
+        try:
+            await asyncio.wait_for(
+                self.backend.redraw(terminal.box, terminal.client_id, terminal.session.pid), REDRAW_TIMEOUT)
+        except Exception as exc:  # a missed redraw is a cosmetic loss, never a broken terminal
+            log.debug("redraw of %s (user %s) failed: %r", terminal.client_id, terminal.user_id, exc)
+
     def _register(self, terminal: Terminal) -> None:
         per_user = self._by_user.setdefault(terminal.user_id, {})
         per_user[terminal.client_id] = terminal
@@ -311,6 +347,4 @@ class TerminalHub:
             on_exit()
         except Exception:
             log.exception("on_exit of terminal %s failed", terminal.client_id)
-        task = asyncio.ensure_future(self.close(terminal))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.close(terminal), self._background)

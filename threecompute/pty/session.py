@@ -227,6 +227,13 @@ class PtySession:
         except OSError as exc:  # the child may be gone already
             log.debug("resize of pid %s failed: %s", self.pid, exc)
 
+    def signal_foreground(self, sig: int) -> None:
+        """Send `sig` to the terminal's foreground process group (what a key like ^C would reach)."""
+        if self._torn_down:
+            return
+        with contextlib.suppress(OSError):  # no foreground group, or it is gone already
+            os.killpg(os.tcgetpgrp(self._fd), sig)
+
     def close(self) -> None:
         """Hang up and end the child (in the background; see `wait_closed`). Idempotent."""
         if self._user_closed:
