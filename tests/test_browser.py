@@ -130,7 +130,7 @@ async def chromium(tmp_path: Path) -> AsyncIterator:
 async def signed_in_page(browser, server: str, page_origin: str):
     """A page of the frontend's origin, holding the server's session cookie."""
     page = browser.pages[0] if browser.pages else await browser.new_page()
-    answer = await page.goto(f"{server}/auth/dev-login?email={EMAIL}")
+    answer = await page.goto(f"{server}/auth/dev-login?email={EMAIL}&next=/auth/me")
     assert answer is not None and answer.ok, answer and answer.status
     await page.goto(page_origin + "/")
     return page

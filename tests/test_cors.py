@@ -29,6 +29,7 @@ def route_paths(app: tornado.web.Application) -> list[str]:
     for rule in app.wildcard_router.rules:
         pattern = rule.matcher.regex.pattern.rstrip("$")
         path = re.sub(r"\(\.\*\)", "dir/x.py", pattern).replace("\\.", ".").replace("/?", "/")
+        path = path.replace("([^/]+)", "x.js")
         assert re.fullmatch(pattern, path), (pattern, path)
         paths.append(path)
     return [*paths, "/no/such/route"]
