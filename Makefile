@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint image engine bench loadtest clean
+.PHONY: setup run test test-fast lint image engine postgres bench loadtest clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ engine: ## install and start a Docker engine if none answers
 image: engine ## build the 3compute image without a registry (cached)
 	scripts/build-image.sh
 
-test: setup image ## the whole suite, against a real Docker engine
+postgres: ## install PostgreSQL (apt) if initdb is missing; tests start private clusters of it
+	scripts/postgres.sh install
+
+test: setup image postgres ## the whole suite, against a real Docker engine and a private PostgreSQL
 	REQUIRE_DOCKER=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup ## the suite without the Docker tests

@@ -17,12 +17,16 @@ from threecompute.app import MAX_BODY_BYTES, make_app
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
 from threecompute.settings import ConfigError, Settings, load_settings
+from threecompute.store import StoreError
 
 log = logging.getLogger("threecompute")
 
 
 async def serve(settings: Settings) -> None:
-    services = build_services(settings)
+    try:
+        services = build_services(settings)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
     await services.backend.start()
     server = HTTPServer(make_app(services), max_body_size=MAX_BODY_BYTES, xheaders=True)
     try:

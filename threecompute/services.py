@@ -14,7 +14,7 @@ from .deploy import Deployer
 from .identity import OAuthClient, TokenCodec
 from .pty.hub import TerminalHub
 from .settings import Settings
-from .store import Store, User
+from .store import Store, User, open_store
 from .workspace import Workspaces
 
 CONTAINER_OWNER = (999, 995)
@@ -55,7 +55,7 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
     backend = backend or make_backend(settings)
     return Services(
         settings=settings,
-        store=Store(settings.db_path, settings.port_base),
+        store=open_store(settings),
         tokens=TokenCodec(settings.secret, settings.session_days * 86400),
         oauth=OAuthClient(settings),
         workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),

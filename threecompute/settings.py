@@ -53,6 +53,7 @@ class Settings:
     oauth_userinfo_url: str = GOOGLE_USERINFO_URL
     deploy_command: str = "/opt/deploy.sh"
     session_days: float = 7.0
+    database_url: str = ""  # PostgreSQL, shared by replicas; empty: SQLite in DATA_DIR
 
     @property
     def workspaces_dir(self) -> Path:
@@ -189,4 +190,12 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         oauth_userinfo_url=env.get("OAUTH_USERINFO_URL", "").strip() or GOOGLE_USERINFO_URL,
         deploy_command=env.get("DEPLOY_COMMAND", "").strip() or "/opt/deploy.sh",
         session_days=_float(env, "SESSION_DAYS", 7.0, minimum=0.001),
+        database_url=_database_url(env),
     )
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    raw = env.get("DATABASE_URL", "").strip()
+    if raw and not raw.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("DATABASE_URL must be a postgresql:// URL (or unset for SQLite in DATA_DIR)")
+    return raw
