@@ -53,9 +53,11 @@ class Services:
 def build_services(settings: Settings, backend: ContainerBackend | None = None) -> Services:
     settings.workspaces_dir.mkdir(parents=True, exist_ok=True)
     backend = backend or make_backend(settings)
+    store = open_store(settings)
+    backend.use_cluster(store.cluster())
     return Services(
         settings=settings,
-        store=open_store(settings),
+        store=store,
         tokens=TokenCodec(settings.secret, settings.session_days * 86400),
         oauth=OAuthClient(settings),
         workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tornado.ioloop import IOLoop
 
+from .cluster import Cluster, LocalCluster
 from .containers.backend import PORTS_PER_USER
 
 if TYPE_CHECKING:
@@ -51,6 +52,25 @@ MIGRATIONS = [
     CREATE TABLE revoked_tokens (
         jti TEXT PRIMARY KEY,
         expires_at REAL NOT NULL
+    );
+    """,
+    # Shared by replicas on one database (see cluster.py); a single SQLite server leaves them empty.
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        seen_at REAL NOT NULL
+    );
+    CREATE TABLE open_terminals (
+        replica TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        open_count INTEGER NOT NULL,
+        changed_at REAL NOT NULL,
+        PRIMARY KEY (replica, user_id)
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until REAL NOT NULL
     );
     """,
 ]
@@ -110,6 +130,7 @@ class Store(abc.ABC):
     def __init__(self, port_base: int) -> None:
         self.port_base = port_base
         self._revoked: dict[str, float] = {}
+        self._local_cluster = LocalCluster()
 
     @abc.abstractmethod
     async def record_login(self, user_id: str, email: str, ip: str | None) -> User:
@@ -133,6 +154,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def cluster(self) -> Cluster:
+        """What this store shares with other server processes about containers (nothing here)."""
+        return self._local_cluster
 
     def is_revoked(self, jti: str) -> bool:
         """Answered from memory: every authenticated request asks, so it must be free."""

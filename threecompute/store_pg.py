@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import hashlib
 import json
 import logging
 import re
+import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from .cluster import Activity, Cluster
 from .store import FREE_SLOT_SQL, MIGRATIONS, Store, StoreError, User
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,16 @@ REFRESH_SECONDS = 30.0
 RECONNECT_SECONDS = 1.0
 POOL_TIMEOUT_SECONDS = 5.0
 OPEN_TIMEOUT_SECONDS = 10.0
+HEARTBEAT_SECONDS = 5.0
+LOCK_CONNECTIONS = 20
+LOCK_TIMEOUT_SECONDS = 120.0
+REPLICA_LEASE_SECONDS = 15.0  # a replica silent this long no longer counts (its terminals are gone)
+FORGET_SECONDS = 86400.0  # records of replicas gone this long are deleted
+
+
+def lock_key(name: str) -> int:
+    """A 64-bit advisory lock key for a name."""
+    return int.from_bytes(hashlib.sha256(f"3compute:{name}".encode()).digest()[:8], "big", signed=True)
 
 
 def postgres_ddl(script: str) -> str:
@@ -66,8 +80,17 @@ class PostgresStore(Store):
             kwargs={"autocommit": True, "row_factory": dict_row},
             check=AsyncConnectionPool.check_connection,  # a connection from before an outage is retried, not used
         )
+        # Locks hold a connection while held (a container being made, ~1 s): a pool of their
+        # own, so that they never starve the queries.
+        self._lock_pool = AsyncConnectionPool(url, min_size=0, max_size=LOCK_CONNECTIONS, open=False,
+                                              timeout=LOCK_TIMEOUT_SECONDS, kwargs={"autocommit": True})
         self._listener: asyncio.Task | None = None
+        self._heart: asyncio.Task | None = None
         self.listening = threading.Event()
+        self.replica_id = secrets.token_hex(8)
+        self._local_open: dict[str, int] = {}  # this replica's open terminals per user (store loop only)
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
         try:
             self._wait(self._open(), OPEN_TIMEOUT_SECONDS + 5)
         except BaseException:
@@ -91,9 +114,12 @@ class PostgresStore(Store):
             async with self._pool.connection() as conn:
                 return await fn(conn)
 
+        return await self._on_loop(job())
+
+    async def _on_loop(self, coro: Awaitable[T]) -> T:
         if self._closing:
             raise StoreError("the store is closed")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._guarded(job()), self._loop))
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop))
 
     @staticmethod
     async def _guarded(coro: Awaitable[T]) -> T:
@@ -107,10 +133,13 @@ class PostgresStore(Store):
             await self._pool.open(wait=True, timeout=OPEN_TIMEOUT_SECONDS)
         except psycopg.Error as exc:
             raise StoreError(f"cannot reach the database: {exc}") from exc
+        await self._lock_pool.open()
         async with self._pool.connection() as conn:
             await self._migrate(conn)
             self._revoked = await self._load_revoked(conn)
-        self._listener = asyncio.get_running_loop().create_task(self._listen(), name="store-listen")
+        loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen(), name="store-listen")
+        self._heart = loop.create_task(self._heartbeat(), name="store-heartbeat")
 
     def close(self) -> None:
         if self._closing and not self._thread.is_alive():
@@ -118,10 +147,17 @@ class PostgresStore(Store):
         self._closing = True
 
         async def shutdown() -> None:
-            if self._listener is not None:
-                self._listener.cancel()
-                await asyncio.gather(self._listener, return_exceptions=True)
+            for task in (self._listener, self._heart):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            if self._heart is not None:
+                with contextlib.suppress(psycopg.Error, StoreError):  # others stop counting us at once
+                    async with self._pool.connection(timeout=2) as conn:
+                        await conn.execute("DELETE FROM replicas WHERE id = %s", (self.replica_id,))
+                        await conn.execute("DELETE FROM open_terminals WHERE replica = %s", (self.replica_id,))
             await self._pool.close()
+            await self._lock_pool.close()
 
         if self._thread.is_alive():
             try:
@@ -268,3 +304,108 @@ class PostgresStore(Store):
                 self._remember_revoked(str(event["jti"]), float(event["expires_at"]))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring a malformed event: %.200r", payload)
+
+    # -- containers across replicas (cluster.Cluster) -------------------------------------
+
+    def cluster(self) -> Cluster:
+        return self
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """A session advisory lock, on a connection kept out of the pool while it is held."""
+        key = lock_key(name)
+        conn = await self._on_loop(self._acquire(key))
+        try:
+            yield
+        finally:
+            await self._on_loop(self._release(conn, key))
+
+    async def _acquire(self, key: int) -> psycopg.AsyncConnection:
+        conn = await self._lock_pool.getconn()
+        try:
+            await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        except BaseException:
+            await self._lock_pool.putconn(conn)
+            raise
+        return conn
+
+    async def _release(self, conn: psycopg.AsyncConnection, key: int) -> None:
+        try:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            await self._lock_pool.putconn(conn)  # a broken connection is discarded, and its lock with it
+
+    async def hold_lease(self, name: str, seconds: float) -> bool:
+        async def take(conn: psycopg.AsyncConnection) -> bool:
+            now = time.time()
+            row = await self._fetch_one(
+                conn, "INSERT INTO leases VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
+                " SET holder = EXCLUDED.holder, until = EXCLUDED.until"
+                " WHERE leases.holder = EXCLUDED.holder OR leases.until < %s RETURNING holder",
+                name, self.replica_id, now + seconds, now)
+            return row is not None
+
+        return await self._run(take)
+
+    def terminals_changed(self, user_id: str, open_count: int) -> None:
+        """Recorded at once by the heartbeat task (which also rewrites them all periodically)."""
+        def mark() -> None:
+            self._local_open[user_id] = open_count
+            self._dirty.add(user_id)
+            self._wake.set()
+
+        if not self._closing:
+            self._loop.call_soon_threadsafe(mark)
+
+    async def activity(self) -> dict[str, Activity]:
+        async def read(conn: psycopg.AsyncConnection) -> dict[str, Activity]:
+            now = time.time()
+            cursor = await conn.execute(
+                "SELECT o.user_id, bool_or(o.open_count > 0 AND r.seen_at >= %s) AS open,"
+                " max(CASE WHEN o.open_count > 0 THEN LEAST(r.seen_at, %s) ELSE o.changed_at END) AS changed_at"
+                " FROM open_terminals o JOIN replicas r ON r.id = o.replica GROUP BY o.user_id",
+                (now - REPLICA_LEASE_SECONDS, now))
+            return {row["user_id"]: Activity(row["open"], row["changed_at"]) for row in await cursor.fetchall()}
+
+        return await self._run(read)
+
+    async def _heartbeat(self) -> None:
+        """Keep this replica's lease and its open-terminal rows current; write changes at once."""
+        next_beat = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()
+            beat = time.monotonic() >= next_beat
+            users = set(self._local_open) if beat else set(self._dirty)
+            try:
+                async with self._pool.connection() as conn:
+                    await self._write_terminals(conn, users, beat)
+            except (psycopg.Error, OSError) as exc:  # the database is away: retry on the next beat
+                log.debug("heartbeat: %s", exc)
+                next_beat = time.monotonic() + RECONNECT_SECONDS
+                continue
+            self._dirty -= users
+            for user in users:
+                if self._local_open.get(user) == 0 and user not in self._dirty:
+                    del self._local_open[user]  # recorded as closed; nothing more to repeat
+            if beat:
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+
+    async def _write_terminals(self, conn: psycopg.AsyncConnection, users: set[str], beat: bool) -> None:
+        now = time.time()
+        async with conn.transaction():
+            if beat:
+                await conn.execute("INSERT INTO replicas VALUES (%s, %s) ON CONFLICT (id) DO UPDATE"
+                                   " SET seen_at = EXCLUDED.seen_at", (self.replica_id, now))
+                await conn.execute("DELETE FROM open_terminals WHERE replica IN"
+                                   " (SELECT id FROM replicas WHERE seen_at < %s)", (now - FORGET_SECONDS,))
+                await conn.execute("DELETE FROM replicas WHERE seen_at < %s", (now - FORGET_SECONDS,))
+            counts = [(self.replica_id, user, self._local_open.get(user, 0), now) for user in sorted(users)]
+            if counts:
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(
+                        "INSERT INTO open_terminals VALUES (%s, %s, %s, %s) ON CONFLICT (replica, user_id)"
+                        " DO UPDATE SET open_count = EXCLUDED.open_count, changed_at = CASE"
+                        " WHEN open_terminals.open_count = EXCLUDED.open_count THEN open_terminals.changed_at"
+                        " ELSE EXCLUDED.changed_at END", counts)
