@@ -4,6 +4,7 @@
 #   scripts/postgres.sh install            install the postgresql package if initdb is missing (apt, root)
 #   scripts/postgres.sh start DIR PORT     initdb in DIR (if empty) and start it on 127.0.0.1:PORT
 #   scripts/postgres.sh stop DIR           stop it (immediately) and remove DIR
+#   scripts/postgres.sh halt DIR           stop it, keeping DIR (`start DIR PORT` again resumes it)
 #   scripts/postgres.sh url PORT           the DATABASE_URL of such a cluster
 #
 # PostgreSQL refuses to run as root: as root the cluster runs as the `postgres` user (made by
@@ -61,10 +62,14 @@ stop)
     fi
     rm -rf "$dir"
     ;;
+halt)
+    dir=${2:?DIR}; bin=$(pg_bin); user=$(cluster_user)
+    run_as "$user" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+    ;;
 url)
     echo "postgresql://postgres@127.0.0.1:${2:?PORT}/postgres"
     ;;
 *)
-    sed -n '2,9p' "$0" >&2; exit 2
+    sed -n '2,10p' "$0" >&2; exit 2
     ;;
 esac

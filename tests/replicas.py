@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +20,7 @@ from pathlib import Path
 import tornado.testing
 
 from threecompute.containers import make_backend
-from threecompute.settings import load_settings
+from threecompute.settings import Settings, load_settings
 
 from .conftest import ROOT
 
@@ -96,8 +98,11 @@ def replicas(count: int, env: dict[str, str], folder: Path, flags: list[str]) ->
     finally:
         for replica in started:
             stop_replica(replica)
-        settings = load_settings(flags, env, dotenv=folder / "none.env")
-        import asyncio
+        purge(load_settings(flags, env, dotenv=folder / "none.env"))
 
-        with contextlib.suppress(Exception):
-            asyncio.run(make_backend(settings).purge())
+
+def purge(settings: Settings) -> None:
+    """Remove the deployment's containers or tmux servers (from a thread: a loop may be running here)."""
+    worker = threading.Thread(target=lambda: asyncio.run(make_backend(settings).purge()))
+    worker.start()
+    worker.join(120)

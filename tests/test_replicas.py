@@ -4,6 +4,7 @@ any user, and every guarantee of the store holds across processes."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import pytest
@@ -109,3 +110,67 @@ async def test_move_into_and_close_tab_through_one_replica_reach_a_tab_attached_
             pass
     finally:
         term.close()
+
+
+@pytest.fixture
+def own_postgres(tmp_path_factory):
+    """A PostgreSQL of this test alone (it is stopped and started again): (folder, port, url)."""
+    import tempfile
+
+    from .conftest import POSTGRES_SCRIPT
+    from .replicas import free_port
+
+    folder, port = tempfile.mkdtemp(prefix="3compute-pg-"), free_port()
+    try:
+        subprocess.run([str(POSTGRES_SCRIPT), "start", folder, str(port)], check=True, timeout=120)
+        yield folder, port, f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([str(POSTGRES_SCRIPT), "stop", folder], timeout=60)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_postgres_down_and_back(own_postgres, tmp_path):
+    from .conftest import POSTGRES_SCRIPT
+
+    folder, port, url = own_postgres
+    env = conftest.test_environ(tmp_path / "data", None, 0, DATABASE_URL=url)
+    with replicas(2, env, tmp_path, FLAGS) as (a, b):
+        client = Client(a.url)
+        await client.dev_login("outage@example.com")
+        assert (await client.fetch("/auth/tabs", "POST", {"tabs": ["1", "2"], "active_tab": "2"})).code == 200
+        term = await TerminalClient.open(on(client, b.url), tab="3")
+        try:
+            await term.run("echo before-$((1+1))", "before-2")
+            subprocess.run([str(POSTGRES_SCRIPT), "halt", folder], check=True, timeout=60)
+
+            for replica in (a, b):
+                answer = await client.fetch(f"{replica.url}/healthz")
+                assert answer.code == 503 and body_json(answer)["status"] == "down", answer.body
+            refused = await client.fetch("/auth/tabs")
+            assert refused.code == 503, refused.body
+            assert body_json(refused) == {"error": "the server's database is unavailable"}
+            await term.run("echo during-$((2+2))", "during-4")  # an open terminal keeps working
+
+            subprocess.run([str(POSTGRES_SCRIPT), "start", folder, str(port)], check=True, timeout=120)
+            deadline = time.monotonic() + 30
+            while (await client.fetch(f"{b.url}/healthz")).code != 200:
+                assert time.monotonic() < deadline, "replica B never recovered"
+                await asyncio.sleep(0.2)
+            assert body_json(await client.fetch("/auth/tabs")) == {"tabs": ["1", "2"], "active_tab": "2"}
+            await term.run("echo after-$((3+3))", "after-6")
+        finally:
+            term.close()
+
+        # The listeners reconnected too: a logout on A is refused on B within a second.
+        token = client.cookies[COOKIE_NAME]
+        deadline = time.monotonic() + 30
+        while (await client.fetch("/auth/logout")).code != 200:  # A's pool may need a moment more
+            assert time.monotonic() < deadline
+            client.cookies[COOKIE_NAME] = token
+            await asyncio.sleep(0.2)
+        replay = Client(b.url)
+        replay.cookies = {COOKIE_NAME: token}
+        logged_out = time.monotonic()
+        while (await replay.fetch("/auth/me")).code == 200:
+            assert time.monotonic() - logged_out < 1.0, "B still accepts a token revoked on A"
+            await asyncio.sleep(0.01)

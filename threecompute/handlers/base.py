@@ -25,6 +25,7 @@ log = logging.getLogger("threecompute.http")
 T = TypeVar("T")
 MAX_JSON_BYTES = 64 * 1024
 UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+STORE_DOWN = "the server's database is unavailable"
 
 
 class HTTPError(tornado.web.HTTPError):
@@ -140,7 +141,7 @@ class BaseHandler(tornado.web.RequestHandler):
             e = HTTPError(503, str(e))
         elif isinstance(e, StoreError):
             log.error("store failure: %s", e)
-            e = HTTPError(503, "the server's database is unavailable")
+            e = HTTPError(503, STORE_DOWN)
         super()._handle_request_exception(e)
 
 
@@ -151,6 +152,8 @@ def error_message(status_code: int, exc_info: Any) -> str:
             return exc.message
         if isinstance(exc, tornado.web.MissingArgumentError):
             return f"missing argument {exc.arg_name}"
+        if isinstance(exc, StoreError):
+            return STORE_DOWN
     if status_code == 401:
         return "unauthenticated"
     if status_code == 404:
