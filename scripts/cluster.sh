@@ -93,8 +93,11 @@ up() {
     chmod 755 "$DIR"
     backend >"$DIR/backend"
     [ -f "$DIR/secret" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$DIR/secret"
-    say "PostgreSQL on 127.0.0.1:$PG_PORT ($DIR/pg)"
-    scripts/postgres.sh start "$DIR/pg" "$PG_PORT"
+    # The database's own folder in /tmp: as root PostgreSQL runs as another user, who may not
+    # be able to reach into CLUSTER_DIR.
+    [ -f "$DIR/pg_dir" ] || mktemp -d /tmp/3compute-pg.XXXXXX >"$DIR/pg_dir"
+    say "PostgreSQL on 127.0.0.1:$PG_PORT ($(cat "$DIR/pg_dir"))"
+    scripts/postgres.sh start "$(cat "$DIR/pg_dir")" "$PG_PORT"
     psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'threecompute'" \
         | grep -q 1 || psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE threecompute"
     echo "postgresql://postgres@127.0.0.1:$PG_PORT/threecompute" >"$DIR/database_url"
@@ -112,12 +115,16 @@ up() {
     echo "http://127.0.0.1:$CLUSTER_PORT"
 }
 
+alive() {  # alive PID: running (a zombie no parent has reaped yet is not)
+    kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
 stop_pid() {  # stop_pid PIDFILE: TERM, then KILL after 20 s
     [ -f "$1" ] || return 0
     local pid; pid=$(cat "$1")
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.2; done
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$1"
@@ -137,7 +144,7 @@ settings = load_settings(["--dev", "--backend", sys.argv[1]], dotenv=Path("/none
 asyncio.run(make_backend(settings).purge())
 PY
     fi
-    scripts/postgres.sh stop "$DIR/pg"
+    [ -f "$DIR/pg_dir" ] && scripts/postgres.sh stop "$(cat "$DIR/pg_dir")"
     rm -rf "$DIR"
     say "down"
 }
@@ -147,11 +154,11 @@ status() {
     local state=0 i pid
     for i in $(seq 1 "$REPLICAS"); do
         pid=$(cat "$DIR/replica-$i.pid" 2>/dev/null || echo 0)
-        if kill -0 "$pid" 2>/dev/null; then echo "replica $i: pid $pid, port $(replica_port "$i")"
+        if alive "$pid"; then echo "replica $i: pid $pid, port $(replica_port "$i")"
         else echo "replica $i: not running"; state=1; fi
     done
     pid=$(cat "$DIR/haproxy.pid" 2>/dev/null || echo 0)
-    if kill -0 "$pid" 2>/dev/null; then echo "haproxy: pid $pid, http://127.0.0.1:$CLUSTER_PORT"
+    if alive "$pid"; then echo "haproxy: pid $pid, http://127.0.0.1:$CLUSTER_PORT"
     else echo "haproxy: not running"; state=1; fi
     echo "healthz: $(curl -sS "http://127.0.0.1:$CLUSTER_PORT/healthz" 2>&1 || true)"
     return $state
