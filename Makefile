@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint image engine postgres bench loadtest clean
+.PHONY: setup run test test-fast lint image engine cluster-deps cluster cluster-down cluster-status bench loadtest clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,19 @@ engine: ## install and start a Docker engine if none answers
 image: engine ## build the 3compute image without a registry (cached)
 	scripts/build-image.sh
 
-postgres: ## install PostgreSQL (apt) if initdb is missing; tests start private clusters of it
-	scripts/postgres.sh install
+cluster-deps: ## install PostgreSQL and HAProxy (apt) if missing; tests start private instances of them
+	scripts/cluster.sh install
 
-test: setup image postgres ## the whole suite, against a real Docker engine and a private PostgreSQL
+cluster: setup cluster-deps ## REPLICAS (3) servers on one private PostgreSQL behind HAProxy on CLUSTER_PORT (5600)
+	scripts/cluster.sh up
+
+cluster-down: ## stop the cluster and remove everything it made
+	scripts/cluster.sh down
+
+cluster-status:
+	scripts/cluster.sh status
+
+test: setup image cluster-deps ## the whole suite, against a real Docker engine, PostgreSQL and HAProxy
 	REQUIRE_DOCKER=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup ## the suite without the Docker tests

@@ -4,6 +4,7 @@
 #   scripts/cluster.sh up        install postgresql/haproxy if missing (apt), start it all
 #   scripts/cluster.sh down      stop it all and remove it (database, containers, folder)
 #   scripts/cluster.sh status    what runs, and /healthz through HAProxy
+#   scripts/cluster.sh install   only install postgresql and haproxy if missing (apt, root)
 #
 # Settings (environment):
 #   CLUSTER_DIR=/tmp/3compute-cluster   everything lives here: the database, DATA_DIR, logs, pids
@@ -166,7 +167,8 @@ status() {
 
 case "${1:-}" in
 up) up ;;
+install) install_missing ;;
 down) down ;;
 status) status ;;
-*) sed -n '2,16p' "$0" >&2; exit 2 ;;
+*) sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac
