@@ -30,6 +30,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ REFRESH_SECONDS = 30.0
 RECONNECT_SECONDS = 1.0
 POOL_TIMEOUT_SECONDS = 2.0  # while the database is away, requests fail this fast
 OPEN_TIMEOUT_SECONDS = 10.0
+CHECK_IDLE_SECONDS = 2.0  # a pooled connection idle longer is checked (one round trip) before use
 HEARTBEAT_SECONDS = 5.0
 LOCK_CONNECTIONS = 20
 LOCK_TIMEOUT_SECONDS = 120.0
@@ -78,8 +80,9 @@ class PostgresStore(Store):
         self._pool = AsyncConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, timeout=POOL_TIMEOUT_SECONDS,
             kwargs={"autocommit": True, "row_factory": dict_row},
-            check=AsyncConnectionPool.check_connection,  # a connection from before an outage is retried, not used
+            check=self._check, reset=self._returned,
         )
+        self._returned_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Locks hold a connection while held (a container being made, ~1 s): a pool of their
         # own, so that they never starve the queries.
         self._lock_pool = AsyncConnectionPool(url, min_size=0, max_size=LOCK_CONNECTIONS, open=False,
@@ -115,6 +118,15 @@ class PostgresStore(Store):
                 return await fn(conn)
 
         return await self._on_loop(job())
+
+    async def _check(self, conn: psycopg.AsyncConnection) -> None:
+        """Before a connection is handed out: one that has been idle a while may predate an
+        outage, so it is tried first (and replaced if dead) rather than failing a request."""
+        if time.monotonic() - self._returned_at.get(conn, 0.0) > CHECK_IDLE_SECONDS:
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def _returned(self, conn: psycopg.AsyncConnection) -> None:
+        self._returned_at[conn] = time.monotonic()
 
     async def _on_loop(self, coro: Awaitable[T]) -> T:
         if self._closing:
