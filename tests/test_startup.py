@@ -64,6 +64,7 @@ def test_production_picks_the_prod_origin(tmp_path):
     ([], {"FLASK_SECRET": "s", "CONTAINER_MEMORY": "lots"}, "CONTAINER_MEMORY"),
     ([], {"FLASK_SECRET": "s", "IDLE_TIMEOUT_SECONDS": "-3"}, "IDLE_TIMEOUT_SECONDS"),
     (["--backend", "local"], {"FLASK_SECRET": "s"}, "--backend local"),
+    ([], {"FLASK_SECRET": "s", "DATABASE_URL": "mysql://db/3compute"}, "DATABASE_URL"),
     (["--backend", "local", "--dev", "--host", "0.0.0.0"], {}, "--backend local"),
 ])
 def test_bad_settings_name_the_culprit(tmp_path, argv, env, names):
@@ -81,6 +82,8 @@ def test_dev_without_a_secret_makes_one(tmp_path):
     ([], {"FLASK_ENV": "production", "FLASK_SECRET": ""}, "FLASK_SECRET"),
     (["--dev"], {"FLASK_ENV": "production", "FLASK_SECRET": "s"}, "--dev"),
     ([], {"FLASK_SECRET": "s", "MAX_CONTAINERS": "many"}, "MAX_CONTAINERS"),
+    (["--dev", "--backend", "local"], {"FLASK_SECRET": "s", "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+     "cannot reach the database"),
 ])
 def test_the_server_exits_with_one_line_not_a_traceback(tmp_path, args, env, names):
     result = run_server_process(args, {"DATA_DIR": str(tmp_path / "data"), **env}, cwd=tmp_path)

@@ -141,10 +141,13 @@ class PostgresStore(Store):
             raise StoreError(f"database error: {str(exc).strip() or type(exc).__name__}") from exc
 
     async def _open(self) -> None:
-        try:
+        try:  # one plain connection first: it fails at once, with the reason, where the pool would retry
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=OPEN_TIMEOUT_SECONDS)
+            await probe.close()
             await self._pool.open(wait=True, timeout=OPEN_TIMEOUT_SECONDS)
         except psycopg.Error as exc:
-            raise StoreError(f"cannot reach the database: {exc}") from exc
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StoreError(f"cannot reach the database: {reason}") from exc
         await self._lock_pool.open()
         async with self._pool.connection() as conn:
             await self._migrate(conn)
@@ -250,6 +253,11 @@ class PostgresStore(Store):
                                (json.dumps(tabs), active_tab, user_id))
 
         await self._run(write)
+
+    async def health(self) -> dict:
+        report = await super().health()
+        # Without its listener a replica still works, but learns of revocations elsewhere late.
+        return {**report, "engine": "postgresql", "listening": self.listening.is_set()}
 
     async def count_users(self) -> int:
         async def read(conn: psycopg.AsyncConnection) -> int:
