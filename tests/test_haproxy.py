@@ -22,7 +22,7 @@ import socketio
 
 from threecompute.identity import COOKIE_NAME
 
-from .conftest import ROOT, Client, port_is_free
+from .conftest import ROOT, Client, body_json, port_is_free
 from .terminal_client import TerminalClient
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
@@ -47,7 +47,8 @@ def cluster(postgres_server) -> Iterator[dict]:
     base = free_block(REPLICAS + 2)
     env = os.environ | {"CLUSTER_DIR": str(folder), "CLUSTER_PORT": str(base), "PG_PORT": str(base + REPLICAS + 1),
                         "REPLICAS": str(REPLICAS), "CLUSTER_BACKEND": "local",
-                        "CLUSTER_FLAGS": "--dev", "PORT_BASE": str(free_block(10 * 20))}
+                        "CLUSTER_FLAGS": "--dev", "PORT_BASE": str(free_block(10 * 60)),
+                        "ADMIN_EMAILS": "admin@example.com"}
     try:
         up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stderr
@@ -119,6 +120,29 @@ def test_socketio_polling_through_haproxy_sticks_to_one_replica(cluster):
     answer = requests.get(f"{cluster['url']}/socket.io/?EIO=4&transport=polling&sid={sid}",
                           cookies={"3c_replica": "r2"})
     assert answer.status_code == 400
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_forty_users_sign_in_in_parallel_through_haproxy_and_lose_nothing(cluster):
+    async def one_user(i: int) -> tuple[Client, dict]:
+        client = Client(cluster["url"])
+        await client.dev_login(f"crowd{i}@example.com")
+        saved = await client.fetch("/auth/tabs", "POST", {"tabs": ["1", f"c{i}"], "active_tab": f"c{i}"})
+        assert saved.code == 200, saved.body
+        return client, body_json(await client.fetch("/auth/me"))
+
+    results = await asyncio.gather(*(one_user(i) for i in range(40)))
+    for i, (client, _) in enumerate(results):
+        assert body_json(await client.fetch("/auth/tabs")) == {"tabs": ["1", f"c{i}"], "active_tab": f"c{i}"}
+    admin = Client(cluster["url"])
+    await admin.dev_login("admin@example.com")
+    users = body_json(await admin.fetch("/auth/users"))["users"]
+    base = int(cluster["env"]["PORT_BASE"])
+    assert sorted(u["port_start"] for u in users) == [base + 10 * slot for slot in range(len(users))]
+    assert {f"crowd{i}@example.com" for i in range(40)} <= {u["email"] for u in users}
+    served = [i for i in range(1, REPLICAS + 1)
+              if "/auth/dev-login" in (cluster["dir"] / f"replica-{i}.log").read_text()]
+    assert len(served) == REPLICAS
 
 
 @pytest.mark.gen_test(timeout=120)
