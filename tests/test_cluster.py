@@ -118,3 +118,15 @@ def test_a_clean_shutdown_forgets_the_replicas_terminals_at_once(pair, postgres_
 async def _open(store: PostgresStore, user: str) -> bool:
     seen = (await store.activity()).get(user)
     return seen is not None and seen.open
+
+
+def test_a_touch_restarts_the_users_clock_everywhere(pair):
+    a, b = pair
+
+    async def scenario() -> None:
+        before = time.time()
+        await a.touch("dan")  # durable when it returns: no waiting
+        seen = (await b.activity())["dan"]
+        assert not seen.open and before <= seen.changed_at <= time.time()
+
+    asyncio.run(scenario())

@@ -40,6 +40,10 @@ class Cluster(Protocol):
     async def activity(self) -> dict[str, Activity]:
         """Every user with terminal records, as seen across live replicas."""
 
+    async def touch(self, user_id: str) -> None:
+        """Record activity of the user now, durably before returning (a box was just made
+        ready here: a reaper elsewhere must restart the user's idle clock)."""
+
 
 class LocalCluster:
     """One server process: nothing to share."""
@@ -60,3 +64,6 @@ class LocalCluster:
 
     async def activity(self) -> dict[str, Activity]:
         return {}
+
+    async def touch(self, user_id: str) -> None:
+        pass

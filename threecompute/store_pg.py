@@ -70,6 +70,8 @@ def postgres_ddl(script: str) -> str:
 
 
 class PostgresStore(Store):
+    """The store, and the cluster records of `cluster.Cluster`, on one PostgreSQL database."""
+
     def __init__(self, url: str, port_base: int, pool_size: int = 10) -> None:
         super().__init__(port_base)
         self.url = url
@@ -388,6 +390,14 @@ class PostgresStore(Store):
             return {row["user_id"]: Activity(row["open"], row["changed_at"]) for row in await cursor.fetchall()}
 
         return await self._run(read)
+
+    async def touch(self, user_id: str) -> None:
+        async def write(conn: psycopg.AsyncConnection) -> None:
+            await conn.execute(
+                "INSERT INTO open_terminals VALUES (%s, %s, 0, %s) ON CONFLICT (replica, user_id)"
+                " DO UPDATE SET changed_at = EXCLUDED.changed_at", (self.replica_id, user_id, time.time()))
+
+        await self._run(write)
 
     async def _heartbeat(self) -> None:
         """Keep this replica's lease and its open-terminal rows current; write changes at once."""

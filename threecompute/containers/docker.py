@@ -214,6 +214,7 @@ class DockerBackend(ContainerBackend):
             # One ensure per user at a time, in this process and across replicas.
             async with self._user_locks[user.user_id], self.cluster.lock(f"user:{user.user_id}"):
                 box = await self._ensure_locked(user)
+                await self.cluster.touch(user.user_id)  # before a reaper elsewhere may look again
                 self.reaper.touch(user.user_id)
         except BackendError:
             self._counters["ensure_errors_total"] += 1
@@ -506,7 +507,10 @@ class DockerBackend(ContainerBackend):
         self.cluster = self.reaper.cluster = cluster
 
     async def reap(self, user_id: str, ref: str) -> bool:
-        async with self._user_locks[user_id]:
+        async with self._user_locks[user_id], self.cluster.lock(f"user:{user_id}"):
+            # Look again under the lock every ensure takes: a terminal may just have been
+            # opened on another replica.
+            await self.reaper.refresh()
             if not self.reaper.is_due(user_id):
                 return False
             await self._run(self._remove_quietly, ref)

@@ -41,6 +41,7 @@ INITS = frozenset({"tini", "docker-init"})
 SHELLS = frozenset({"sh", "ash", "dash", "bash", "rbash", "zsh", "fish"})
 # Every `sh -c` script the backends run inside a container mentions this word.
 WRAPPER_MARK = "3compute"
+LEASE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,9 @@ class IdleReaper:
 
     async def sweep(self) -> list[str]:
         """One pass over the running containers; returns the users whose container went."""
-        leading = await self.cluster.hold_lease("reaper", max(3 * self.poll, 10.0))
+        # The lease outlasts a slow sweep (an engine under load): two sweeping at once would
+        # be harmless (each removal looks again under the user's lock), only wasteful.
+        leading = await self.cluster.hold_lease("reaper", max(3 * self.poll, LEASE_SECONDS))
         if leading and self._leading is False:
             self._idle_since.clear()  # clocks restart: we have not been watching
         self._leading = leading
@@ -196,6 +199,10 @@ class IdleReaper:
         idle = {user: ref for user, ref in boxes.items() if not self.is_busy(user)}
         results = await asyncio.gather(*(self._check(user, ref) for user, ref in idle.items()))
         return [user for user, gone in zip(idle, results, strict=True) if gone]
+
+    async def refresh(self) -> None:
+        """Read the other replicas' terminal records again (the backend calls it before reaping)."""
+        await self._merge_activity()
 
     async def _merge_activity(self) -> None:
         """Terminals open on other replicas, and their last opens and closes, into the clocks."""
