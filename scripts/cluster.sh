@@ -30,11 +30,14 @@ say() { echo "cluster: $*" >&2; }
 
 install_missing() {
     scripts/postgres.sh install
-    if ! command -v haproxy >/dev/null; then
-        [ "$(id -u)" = 0 ] || { say "haproxy is missing; run as root to install it (apt)"; exit 1; }
-        say "installing haproxy (apt)..."
+    local missing=()
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v curl >/dev/null || missing+=(curl)
+    if [ ${#missing[@]} -gt 0 ]; then
+        [ "$(id -u)" = 0 ] || { say "${missing[*]} missing; run as root to install (apt)"; exit 1; }
+        say "installing ${missing[*]} (apt)..."
         apt-get -o DPkg::Lock::Timeout=600 update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq haproxy >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
     fi
 }
 
