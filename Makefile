@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint image engine browser bench loadtest clean web
+.PHONY: setup run test test-fast lint image engine browser cluster-deps cluster cluster-down cluster-status bench loadtest clean web
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,19 @@ image: engine ## build the 3compute image without a registry (cached)
 browser: ## Debian's Chromium for the browser tests (installed with apt when missing)
 	scripts/chromium.sh
 
-test: setup image web browser ## the whole suite, against a real Docker engine and a real browser
+cluster-deps: ## install PostgreSQL and HAProxy (apt) if missing; tests start private instances of them
+	scripts/cluster.sh install
+
+cluster: setup cluster-deps ## REPLICAS (3) servers on one private PostgreSQL behind HAProxy on CLUSTER_PORT (5600)
+	scripts/cluster.sh up
+
+cluster-down: ## stop the cluster and remove everything it made
+	scripts/cluster.sh down
+
+cluster-status:
+	scripts/cluster.sh status
+
+test: setup image web browser cluster-deps ## the whole suite: a real Docker engine, browser, PostgreSQL and HAProxy
 	REQUIRE_DOCKER=1 REQUIRE_BROWSER=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup ## the suite without the Docker tests

@@ -17,12 +17,16 @@ from threecompute.app import make_app, make_http_server
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
 from threecompute.settings import ConfigError, Settings, load_settings
+from threecompute.store import StoreError
 
 log = logging.getLogger("threecompute")
 
 
 async def serve(settings: Settings) -> None:
-    services = build_services(settings)
+    try:
+        services = build_services(settings)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
     await services.backend.start()
     server = make_http_server(make_app(services))
     try:

@@ -7,9 +7,12 @@ import contextlib
 import json
 import os
 import random
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
@@ -153,8 +156,59 @@ def server_flags() -> list[str]:
 
 
 @pytest.fixture
-def server_env(data_dir, provider, http_port) -> dict[str, str]:
-    return test_environ(data_dir, provider, http_port)
+def database_url() -> str:
+    """The store the server under test uses: "" is SQLite in DATA_DIR (a module may override)."""
+    return ""
+
+
+@pytest.fixture
+def server_env(data_dir, provider, http_port, database_url) -> dict[str, str]:
+    extra = {"DATABASE_URL": database_url} if database_url else {}
+    return test_environ(data_dir, provider, http_port, **extra)
+
+
+# -- a private PostgreSQL ---------------------------------------------------------------
+
+POSTGRES_SCRIPT = ROOT / "scripts" / "postgres.sh"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL cluster of this test run's own (initdb in a temporary folder, a free
+    loopback port); its superuser URL. Stopped and removed at the end, failures or not."""
+    if not any(Path("/usr/lib/postgresql").glob("*/bin/initdb")) and not shutil.which("initdb"):
+        message = "PostgreSQL is not installed (scripts/postgres.sh install)"
+        if os.environ.get("REQUIRE_DOCKER") == "1" or os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = tempfile.mkdtemp(prefix="3compute-pg-")
+    port = tornado.testing.bind_unused_port()
+    port[0].close()
+    try:
+        subprocess.run([str(POSTGRES_SCRIPT), "start", folder, str(port[1])], check=True,
+                       env=os.environ | {"PG_FAST": "1"}, timeout=120)
+        yield f"postgresql://postgres@127.0.0.1:{port[1]}"
+    finally:
+        subprocess.run([str(POSTGRES_SCRIPT), "stop", folder], timeout=60)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """A fresh, empty database on the private cluster, dropped afterwards."""
+    import psycopg
+
+    name = "t_" + secrets.token_hex(6)
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"{postgres_server}/{name}"
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_database_url(request) -> str:
+    """Both engines in turn: "" (SQLite in DATA_DIR), then a fresh PostgreSQL database."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

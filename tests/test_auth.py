@@ -16,6 +16,11 @@ from threecompute.services import build_services
 from .conftest import ADMIN, FRONTEND, SECRET, Client, body_json
 
 
+@pytest.fixture
+def database_url(any_database_url) -> str:
+    """Every test here runs against SQLite and against PostgreSQL."""
+    return any_database_url
+
 async def sign_in(client: Client, provider) -> object:
     """The whole browser dance: login -> provider -> callback. Returns the callback answer."""
     login = await client.fetch("/auth/login")

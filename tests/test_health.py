@@ -9,6 +9,11 @@ from threecompute.store import StoreError
 from .conftest import body_json
 
 
+@pytest.fixture
+def database_url(any_database_url) -> str:
+    """Every test here runs against SQLite and against PostgreSQL."""
+    return any_database_url
+
 @pytest.mark.gen_test
 async def test_healthz_reports_store_and_backend(client):
     answer = await client.fetch("/healthz")

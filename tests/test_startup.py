@@ -66,6 +66,7 @@ def test_production_picks_the_prod_origin(tmp_path):
     ([], {"FLASK_SECRET": LONG_SECRET, "CONTAINER_MEMORY": "lots"}, "CONTAINER_MEMORY"),
     ([], {"FLASK_SECRET": LONG_SECRET, "IDLE_TIMEOUT_SECONDS": "-3"}, "IDLE_TIMEOUT_SECONDS"),
     (["--backend", "local"], {"FLASK_SECRET": LONG_SECRET}, "--backend local"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "DATABASE_URL": "mysql://db/3compute"}, "DATABASE_URL"),
     (["--backend", "local", "--dev", "--host", "0.0.0.0"], {}, "--backend local"),
     ([], {"FLASK_SECRET": "a"}, "FLASK_SECRET must be at least 32 bytes"),
     ([], {"FLASK_SECRET": "s" * 31}, "FLASK_SECRET must be at least 32 bytes"),
@@ -116,6 +117,8 @@ def test_dev_without_a_secret_makes_one(tmp_path):
     ([], {"FLASK_SECRET": LONG_SECRET, "MAX_CONTAINERS": "many"}, "MAX_CONTAINERS"),
     ([], {"FLASK_SECRET": "a"}, "FLASK_SECRET"),
     ([], {"FLASK_SECRET": LONG_SECRET, "PORT_BASE": "65530"}, "PORT_BASE"),
+    (["--dev", "--backend", "local"], {"FLASK_SECRET": LONG_SECRET, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+     "cannot reach the database"),
 ])
 def test_the_server_exits_with_one_line_not_a_traceback(tmp_path, args, env, names):
     result = run_server_process(args, {"DATA_DIR": str(tmp_path / "data"), **env}, cwd=tmp_path)

@@ -15,7 +15,7 @@ from .identity import OAuthClient, TokenCodec
 from .limits import UserLimits
 from .pty.hub import TerminalHub
 from .settings import Settings
-from .store import Store, User
+from .store import Store, User, open_store
 from .workspace import Workspaces
 
 CONTAINER_OWNER = (999, 995)
@@ -55,9 +55,11 @@ class Services:
 def build_services(settings: Settings, backend: ContainerBackend | None = None) -> Services:
     settings.workspaces_dir.mkdir(parents=True, exist_ok=True)
     backend = backend or make_backend(settings)
+    store = open_store(settings)
+    backend.use_cluster(store.cluster())
     return Services(
         settings=settings,
-        store=Store(settings.db_path, settings.port_base),
+        store=store,
         tokens=TokenCodec(settings.secret, settings.session_days * 86400),
         oauth=OAuthClient(settings),
         workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),

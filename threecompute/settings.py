@@ -64,6 +64,7 @@ class Settings:
     session_days: float = 7.0
     allowed_hosts: frozenset[str] = LOOPBACK_HOSTS
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    database_url: str = ""  # PostgreSQL, shared by replicas; empty: SQLite in DATA_DIR
 
     @property
     def secure_cookies(self) -> bool:
@@ -245,4 +246,12 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         session_days=_float(env, "SESSION_DAYS", 7.0, minimum=0.001),
         allowed_hosts=_allowed_hosts(env, host, [frontend, redirect]),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+        database_url=_database_url(env),
     )
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    raw = env.get("DATABASE_URL", "").strip()
+    if raw and not raw.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("DATABASE_URL must be a postgresql:// URL (or unset for SQLite in DATA_DIR)")
+    return raw

@@ -1,14 +1,20 @@
-"""The server's durable state in one SQLite file: users, their port ranges, tab state,
-revoked tokens and the webhook deliveries of the last day.
+"""The server's durable state: users, their port ranges, tab state, revoked tokens and the
+webhook deliveries of the last day.
 
-Every write is one short transaction (`BEGIN IMMEDIATE`), so concurrent logins and tab saves
-never lose an update, and a crash leaves either the old record or the new one. The async
-methods run the SQL on one dedicated thread, which keeps the IOLoop free and serialises
+`Store` is the interface, with two engines behind it: `SqliteStore` here (one file in
+DATA_DIR, the embedded default) and `PostgresStore` in `store_pg.py` (`DATABASE_URL`, shared
+by many replicas). `open_store(settings)` picks one. Both run the same schema (`MIGRATIONS`),
+migrated by the server itself at start.
+
+SQLite: every write is one short transaction (`BEGIN IMMEDIATE`), so concurrent logins and
+tab saves never lose an update, and a crash leaves either the old record or the new one. The
+async methods run the SQL on one dedicated thread, which keeps the IOLoop free and serialises
 writers inside this process; SQLite's own locking covers other processes.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import sqlite3
 import threading
@@ -17,12 +23,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tornado.ioloop import IOLoop
 
+from .cluster import Cluster, LocalCluster
 from .containers.backend import PORTS_PER_USER
 from .settings import HIGHEST_PORT
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 T = TypeVar("T")
 MAX_IPS_KEPT = 20
@@ -46,6 +56,25 @@ MIGRATIONS = [
         expires_at REAL NOT NULL
     );
     """,
+    # Shared by replicas on one database (see cluster.py); a single SQLite server leaves them empty.
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        seen_at REAL NOT NULL
+    );
+    CREATE TABLE open_terminals (
+        replica TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        open_count INTEGER NOT NULL,
+        changed_at REAL NOT NULL,
+        PRIMARY KEY (replica, user_id)
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until REAL NOT NULL
+    );
+    """,
     """
     CREATE TABLE webhook_deliveries (
         id TEXT PRIMARY KEY,
@@ -53,6 +82,15 @@ MIGRATIONS = [
     );
     """,
 ]
+
+
+# The lowest port slot no user holds (slots freed by deleted users are reused); the same SQL on
+# both engines.
+FREE_SLOT_SQL = (
+    "SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM users WHERE port_slot = 0)"
+    " UNION ALL SELECT port_slot + 1 FROM users u WHERE NOT EXISTS"
+    " (SELECT 1 FROM users WHERE port_slot = u.port_slot + 1) ORDER BY slot LIMIT 1"
+)
 
 
 class StoreError(Exception):
@@ -94,14 +132,115 @@ class User:
         }
 
 
-class Store:
-    def __init__(self, path: Path, port_base: int) -> None:
-        self.path = path
+class Store(abc.ABC):
+    """Users, port slots, tabs and revoked tokens, whichever engine keeps them.
+
+    Construction opens and migrates the database; `close` releases it. Revoked token ids are
+    also held in memory (`is_revoked` is asked on every request, so it must cost nothing).
+    """
+
+    def __init__(self, port_base: int) -> None:
         self.port_base = port_base
         self.port_slots = (HIGHEST_PORT + 1 - port_base) // PORTS_PER_USER
+        self._revoked: dict[str, float] = {}
+        self._local_cluster = LocalCluster()
+
+    @abc.abstractmethod
+    async def record_login(self, user_id: str, email: str, ip: str | None) -> User:
+        """Create the user (with the lowest free port slot) or count one more sign-in."""
+
+    @abc.abstractmethod
+    async def get_user(self, user_id: str) -> User | None: ...
+
+    @abc.abstractmethod
+    async def list_users(self) -> list[User]: ...
+
+    @abc.abstractmethod
+    async def save_tabs(self, user_id: str, tabs: list[str], active_tab: str) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke(self, jti: str, expires_at: float) -> None:
+        """Refuse the token from now on, in every server process sharing this store."""
+
+    @abc.abstractmethod
+    async def first_delivery(self, delivery_id: str, keep_seconds: float) -> bool:
+        """Record a webhook delivery id; False when it was already seen within `keep_seconds`.
+
+        Only signed deliveries get here, and ids older than the window are dropped on every
+        call, so the table holds one day of the repository's events.
+        """
+
+    @abc.abstractmethod
+    async def count_users(self) -> int: ...
+
+    def _checked_slot(self, slot: int) -> int:
+        """The lowest free slot, if its 10 ports still fit below 65536."""
+        if slot >= self.port_slots:
+            raise NoPortsLeft(f"no free range of {PORTS_PER_USER} ports is left for a new user"
+                              f" (PORT_BASE {self.port_base} to {HIGHEST_PORT} is full)")
+        return slot
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def cluster(self) -> Cluster:
+        """What this store shares with other server processes about containers (nothing here)."""
+        return self._local_cluster
+
+    def is_revoked(self, jti: str) -> bool:
+        """Answered from memory: every authenticated request asks, so it must be free."""
+        return jti in self._revoked
+
+    def _remember_revoked(self, jti: str, expires_at: float) -> None:
+        now = time.time()
+        if len(self._revoked) > 1000:  # expired ids refuse nothing the JWT check would let in
+            self._revoked = {k: v for k, v in self._revoked.items() if v >= now}
+        self._revoked[jti] = expires_at
+
+    def _to_user(self, row: Any) -> User:
+        """A `users` row (any mapping by column name) as a User."""
+        return User(
+            id=row["id"],
+            email=row["email"],
+            first_login=row["first_login"],
+            last_login=row["last_login"],
+            login_count=row["login_count"],
+            ip_addresses=json.loads(row["ip_addresses"]),
+            port_start=self.port_base + row["port_slot"] * PORTS_PER_USER,
+            tabs=json.loads(row["tabs"]),
+            active_tab=row["active_tab"],
+        )
+
+    @staticmethod
+    def _merged_ips(stored: str, ip: str | None) -> str:
+        ips = [a for a in json.loads(stored) if a != ip] + ([ip] if ip else [])
+        return json.dumps(ips[-MAX_IPS_KEPT:])
+
+    async def health(self) -> dict:
+        try:
+            count = await self.count_users()
+        except (StoreError, RuntimeError) as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "users": count}
+
+
+def open_store(settings: Settings) -> Store:
+    """PostgreSQL when DATABASE_URL is set, else SQLite in DATA_DIR."""
+    if settings.database_url:
+        from .store_pg import PostgresStore
+
+        return PostgresStore(settings.database_url, settings.port_base)
+    return SqliteStore(settings.db_path, settings.port_base)
+
+
+class SqliteStore(Store):
+    """The embedded engine: one SQLite file (WAL), for one server process."""
+
+    def __init__(self, path: Path, port_base: int) -> None:
+        super().__init__(port_base)
+        self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._local = threading.local()
-        self._revoked: dict[str, float] = {}
         self._closed = False
         path.parent.mkdir(parents=True, exist_ok=True)
         self._call(self._migrate)
@@ -175,42 +314,19 @@ class Store:
                 (user_id, email, now, now, json.dumps([ip] if ip else []), self._free_slot(conn)),
             )
         else:
-            ips = [a for a in json.loads(row["ip_addresses"]) if a != ip] + ([ip] if ip else [])
             conn.execute(
                 "UPDATE users SET email = ?, last_login = ?, login_count = login_count + 1,"
                 " ip_addresses = ? WHERE id = ?",
-                (email, now, json.dumps(ips[-MAX_IPS_KEPT:]), user_id),
+                (email, now, self._merged_ips(row["ip_addresses"], ip), user_id),
             )
         return self._user_row(conn, user_id)
 
     def _free_slot(self, conn: sqlite3.Connection) -> int:
-        """The lowest port slot no user holds (slots freed by deleted users are reused)."""
-        row = conn.execute(
-            "SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM users WHERE port_slot = 0)"
-            " UNION ALL SELECT port_slot + 1 FROM users u WHERE NOT EXISTS"
-            " (SELECT 1 FROM users WHERE port_slot = u.port_slot + 1) ORDER BY slot LIMIT 1"
-        ).fetchone()
-        if row[0] >= self.port_slots:
-            raise NoPortsLeft(f"no free range of {PORTS_PER_USER} ports is left for a new user"
-                              f" (PORT_BASE {self.port_base} to {HIGHEST_PORT} is full)")
-        return row[0]
+        return self._checked_slot(conn.execute(FREE_SLOT_SQL).fetchone()[0])
 
     def _user_row(self, conn: sqlite3.Connection, user_id: str) -> User:
         row = conn.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
         return self._to_user(row)
-
-    def _to_user(self, row: sqlite3.Row) -> User:
-        return User(
-            id=row["id"],
-            email=row["email"],
-            first_login=row["first_login"],
-            last_login=row["last_login"],
-            login_count=row["login_count"],
-            ip_addresses=json.loads(row["ip_addresses"]),
-            port_start=self.port_base + row["port_slot"] * PORTS_PER_USER,
-            tabs=json.loads(row["tabs"]),
-            active_tab=row["active_tab"],
-        )
 
     async def get_user(self, user_id: str) -> User | None:
         def read(conn: sqlite3.Connection) -> User | None:
@@ -235,30 +351,19 @@ class Store:
 
     # -- revoked tokens -------------------------------------------------------------------
 
-    def is_revoked(self, jti: str) -> bool:
-        """Answered from memory: every authenticated request asks, so it must be free."""
-        return jti in self._revoked
-
     async def revoke(self, jti: str, expires_at: float) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (time.time(),))
             conn.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?, ?)", (jti, expires_at))
 
         await self._run(lambda: self._write(write))
-        self._revoked[jti] = expires_at
+        self._remember_revoked(jti, expires_at)
 
     def _load_revoked(self, conn: sqlite3.Connection) -> dict[str, float]:
         rows = conn.execute("SELECT jti, expires_at FROM revoked_tokens WHERE expires_at >= ?", (time.time(),))
         return {r["jti"]: r["expires_at"] for r in rows}
 
-    # -- webhook deliveries ---------------------------------------------------------------
-
     async def first_delivery(self, delivery_id: str, keep_seconds: float) -> bool:
-        """Record a webhook delivery id; False when it was already seen within `keep_seconds`.
-
-        Only signed deliveries get here, and ids older than the window are dropped on every
-        call, so the table holds one day of the repository's events.
-        """
         def write(conn: sqlite3.Connection) -> bool:
             conn.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (time.time() - keep_seconds,))
             cursor = conn.execute("INSERT OR IGNORE INTO webhook_deliveries VALUES (?, ?)", (delivery_id, time.time()))
@@ -269,9 +374,3 @@ class Store:
     async def count_users(self) -> int:
         return await self._run(lambda: self._call(lambda c: c.execute("SELECT COUNT(*) FROM users").fetchone()[0]))
 
-    async def health(self) -> dict:
-        try:
-            count = await self.count_users()
-        except (StoreError, RuntimeError) as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "users": count}

@@ -12,6 +12,10 @@ import abc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..cluster import Cluster
 
 TAB_ID = re.compile(r"^[A-Za-z0-9]{1,32}\Z")
 PORTS_PER_USER = 10
@@ -101,6 +105,9 @@ class ContainerBackend(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> dict:
         """`{"ok": bool, ...}` for /healthz."""
+
+    def use_cluster(self, cluster: Cluster) -> None:
+        """Share locks and terminal records with other server replicas (see cluster.py)."""
 
     def terminal_opened(self, user: UserRef) -> None:
         """The user's first terminal opened: stop their idle clock."""

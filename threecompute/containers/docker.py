@@ -50,6 +50,7 @@ import requests.exceptions
 from docker.models.containers import Container
 from tornado.ioloop import IOLoop
 
+from threecompute.cluster import Cluster, LocalCluster
 from threecompute.containers import clean_folder, deployment_id, hostside
 from threecompute.containers.backend import (
     PORTS_PER_USER,
@@ -78,6 +79,7 @@ CLIENT_ID = re.compile(r"[A-Za-z0-9]{8,64}")
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 API_TIMEOUT = 60
 HEALTH_TIMEOUT = 3.0
+STARTED_ELSEWHERE_SECONDS = 3.0
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 PORT_IN_USE = re.compile(r":(\d+)(?::? ?(?:failed|bind))")
 SHELL_PATTERN = "|".join(sorted(SHELLS))  # a `case` pattern
@@ -158,6 +160,7 @@ class DockerBackend(ContainerBackend):
         self.bridge_name = f"3c-{self.deployment[:10]}"
         self.firewall = Firewall(self.bridge_name, self.deployment[:10])
         self.reaper = IdleReaper(self, settings.idle_timeout_seconds, settings.idle_poll_seconds)
+        self.cluster: Cluster = LocalCluster()
         self.docker_cli = shutil.which("docker") or "docker"
         self._docker_host = docker_host
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="docker")
@@ -170,6 +173,7 @@ class DockerBackend(ContainerBackend):
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._cap_lock = asyncio.Lock()
         self._starting: set[str] = set()
+        self._adopted: set[str] = set()  # containers another replica made (and is starting)
         self._ids: dict[str, str] = {}
         self._live_clients: set[str] = set()  # client ids attached and not yet detached
         self._running = 0
@@ -221,8 +225,10 @@ class DockerBackend(ContainerBackend):
     async def ensure(self, user: UserRef) -> Box:
         started = time.monotonic()
         try:
-            async with self._user_locks[user.user_id]:
+            # One ensure per user at a time, in this process and across replicas.
+            async with self._user_locks[user.user_id], self.cluster.lock(f"user:{user.user_id}"):
                 box = await self._ensure_locked(user)
+                await self.cluster.touch(user.user_id)  # before a reaper elsewhere may look again
                 self.reaper.touch(user.user_id)
         except BackendError:
             self._counters["ensure_errors_total"] += 1
@@ -236,8 +242,14 @@ class DockerBackend(ContainerBackend):
             if self._host_side():
                 await self._run(self._hang_up_stale, container.id, container.attrs["State"]["Pid"])
             return Box(user=user, ref=container.id)
-        await self._reserve(user.user_id)
         try:
+            # Count and create under one lock shared by every replica, so that MAX_CONTAINERS
+            # holds across them; starting (the slow part) happens outside it.
+            async with self._cap_lock, self.cluster.lock("containers"):
+                await self._reserve(user.user_id)
+                fresh = None if container is not None else await self._run(self._create_container, user)
+            if fresh is not None:
+                return await self._run(self._start_fresh, user, fresh)
             return await self._run(self._start_or_create, user, container)
         except docker.errors.APIError as exc:
             raise BackendError(f"Docker refused to start the container: {_api_message(exc)}") from None
@@ -245,13 +257,15 @@ class DockerBackend(ContainerBackend):
             self._starting.discard(user.user_id)
 
     async def _reserve(self, user_id: str) -> None:
-        """Refuse a new running container past MAX_CONTAINERS; others are not affected."""
-        async with self._cap_lock:
-            running = set(await self.running_boxes())
-            active = running | self._starting
-            if user_id not in active and len(active) >= self.settings.max_containers:
-                raise BackendError(f"container limit reached ({len(running)} running); try again later")
-            self._starting.add(user_id)
+        """Refuse a new running container past MAX_CONTAINERS; others are not affected.
+
+        Created-but-not-started containers count: another replica may be starting them.
+        """
+        active_boxes = await self._run(self._list_active)
+        active = set(active_boxes) | self._starting
+        if user_id not in active and len(active) >= self.settings.max_containers:
+            raise BackendError(f"container limit reached ({len(active_boxes)} running); try again later")
+        self._starting.add(user_id)
 
     def _find(self, client: docker.DockerClient, user_id: str) -> Container | None:
         """The user's container (any state), by the cached id or else by labels."""
@@ -272,6 +286,8 @@ class DockerBackend(ContainerBackend):
 
     def _start_or_create(self, client: docker.DockerClient, user: UserRef,
                          container: Container | None) -> Box:
+        if container is not None and container.status == "running":  # another replica started it
+            return Box(user=user, ref=container.id)
         if container is not None and container.status in ("created", "exited", "paused"):
             try:
                 if container.status == "paused":
@@ -280,12 +296,53 @@ class DockerBackend(ContainerBackend):
                     container.start()
                 return Box(user=user, ref=container.id)
             except docker.errors.APIError as exc:
+                if self._started_elsewhere(container):
+                    return Box(user=user, ref=container.id)
                 log.info("cannot restart %s (%s); making a new one", container.short_id, _api_message(exc))
         if container is not None:
             self._remove_quietly(client, container.id)
         return self._create(client, user)
 
     def _create(self, client: docker.DockerClient, user: UserRef) -> Box:
+        return self._start_fresh(client, user, self._create_container(client, user))
+
+    def _start_fresh(self, client: docker.DockerClient, user: UserRef, container: Container) -> Box:
+        adopted = container.id in self._adopted
+        self._adopted.discard(container.id)
+        if container.status == "running" or adopted and self._started_elsewhere(container):
+            return Box(user=user, ref=container.id)
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            if self._started_elsewhere(container):
+                return Box(user=user, ref=container.id)
+            self._remove_quietly(client, container.id)
+            raise self._start_error(user, exc) from None
+        self._running += 1  # until the next count from the engine
+        return Box(user=user, ref=container.id)
+
+    @staticmethod
+    def _started_elsewhere(container: Container) -> bool:
+        """Whether another replica starts the container within a moment (one it made, or
+        one whose start raced ours: its ports are then taken by that very container)."""
+        deadline = time.monotonic() + STARTED_ELSEWHERE_SECONDS
+        while True:
+            try:
+                container.reload()
+            except docker.errors.APIError:
+                return False
+            if container.status == "running":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
+    def _create_container(self, client: docker.DockerClient, user: UserRef) -> Container:
+        """A new container for the user (not started), or the one another replica just made.
+
+        The name is unique on the engine: a replica that loses the race for it adopts the
+        winner's container instead of making a second one.
+        """
         self._prepare_workspace(user)
         kwargs = self._create_kwargs(client, user)
         try:
@@ -294,19 +351,25 @@ class DockerBackend(ContainerBackend):
             raise BackendError(f"container image {self.settings.container_image!r} not found on the "
                                "Docker engine (build it with scripts/build-image.sh)") from None
         except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: the name is taken by something we do not own
+            if exc.status_code != 409:
                 raise
-            container = client.containers.create(**{**kwargs, "name": None})
-        try:
-            container.start()
-        except docker.errors.APIError as exc:
-            self._remove_quietly(client, container.id)
-            raise self._start_error(user, exc) from None
+            holder = self._ours_by_name(client, kwargs["name"], user.user_id)
+            if holder is not None:  # the replica that made it starts it
+                self._ids[user.user_id] = holder.id
+                self._adopted.add(holder.id)
+                return holder
+            container = client.containers.create(**{**kwargs, "name": None})  # taken by something not ours
         self._ids[user.user_id] = container.id
-        self._running += 1  # until the next count from the engine
         self._counters["containers_created_total"] += 1
         log.info("created container %s for %s", container.short_id, user.user_id)
-        return Box(user=user, ref=container.id)
+        return container
+
+    def _ours_by_name(self, client: docker.DockerClient, name: str, user_id: str) -> Container | None:
+        try:
+            container = client.containers.get(name)
+        except docker.errors.NotFound:
+            return None
+        return container if container.labels == {**container.labels, **self._labels(user_id)} else None
 
     def _create_kwargs(self, client: docker.DockerClient, user: UserRef) -> dict[str, Any]:
         s = self.settings
@@ -380,10 +443,12 @@ class DockerBackend(ContainerBackend):
                 options={"com.docker.network.bridge.enable_icc": "false",
                          "com.docker.network.bridge.name": self.bridge_name},
             )
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:
+        except docker.errors.APIError:
+            # Another server of ours made it first: a 409 for the name, or a clash of bridge names.
+            found = client.networks.list(filters={"label": f"{LABEL_DEPLOYMENT}={self.deployment}"})
+            if not found:
                 raise
-            return client.networks.get(self.network_name)  # another server of ours made it first
+            return found[0]
 
     # -- terminals --------------------------------------------------------------------------
 
@@ -488,16 +553,26 @@ class DockerBackend(ContainerBackend):
         self._ids.update(boxes)
         return boxes
 
-    def _list_running(self, client: docker.DockerClient) -> dict[str, str]:
-        found = client.api.containers(filters={"label": self._labels_filter(), "status": "running"})
+    def _list_running(self, client: docker.DockerClient, states: tuple[str, ...] = ("running",)) -> dict[str, str]:
+        found = client.api.containers(all=True, filters={"label": self._labels_filter(), "status": list(states)})
         return {c["Labels"][LABEL_USER]: c["Id"] for c in found if LABEL_USER in (c["Labels"] or {})}
+
+    def _list_active(self, client: docker.DockerClient) -> dict[str, str]:
+        """Running, or made and about to start (possibly by another replica)."""
+        return self._list_running(client, ("created", "running", "restarting"))
 
     async def processes(self, ref: str) -> list[Proc]:
         top = await self._run(lambda client: client.api.top(ref, ps_args="-eo pid,ppid,args"))
         return parse_ps_rows(top.get("Processes") or [])
 
+    def use_cluster(self, cluster: Cluster) -> None:
+        self.cluster = self.reaper.cluster = cluster
+
     async def reap(self, user_id: str, ref: str) -> bool:
-        async with self._user_locks[user_id]:
+        async with self._user_locks[user_id], self.cluster.lock(f"user:{user_id}"):
+            # Look again under the lock every ensure takes: a terminal may just have been
+            # opened on another replica.
+            await self.reaper.refresh()
             if not self.reaper.is_due(user_id):
                 return False
             await self._run(self._remove_quietly, ref)

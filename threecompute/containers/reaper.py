@@ -13,6 +13,11 @@ Two parts:
   last sighting of a user program, the last `ensure`, or adoption at start) it asks the
   backend to remove the container. Users with an open terminal are never reaped.
 
+Several replicas (cluster.py): every replica runs the loop, but a sweep happens only on the
+replica holding the `reaper` lease, and a user with a terminal open on any live replica is
+busy; the idle clock also restarts at the last open or close anywhere. A replica that takes
+the lease over restarts every clock, since it has not watched the containers before.
+
 The reaper talks to its backend through the small `ReapTarget` protocol, so the loop can be
 tested with a fake and short timeouts. It runs as an asyncio task and never blocks the loop:
 every Docker call happens in the backend's executor.
@@ -28,12 +33,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..cluster import Cluster, LocalCluster
+
 log = logging.getLogger(__name__)
 
 INITS = frozenset({"tini", "docker-init"})
 SHELLS = frozenset({"sh", "ash", "dash", "bash", "rbash", "zsh", "fish"})
 # Every `sh -c` script the backends run inside a container mentions this word.
 WRAPPER_MARK = "3compute"
+LEASE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,11 @@ class IdleReaper:
         self.poll = poll
         self.clock = clock
         self.reaped = 0
+        self.cluster: Cluster = LocalCluster()
         self._open: dict[str, int] = {}
+        self._open_elsewhere: set[str] = set()  # as of the last sweep
         self._idle_since: dict[str, float] = {}
+        self._leading: bool | None = None  # None: no sweep yet
         self._task: asyncio.Task | None = None
 
     # -- events from the terminal layer and the backend -------------------------------------
@@ -121,9 +132,11 @@ class IdleReaper:
     def terminal_opened(self, user_id: str) -> None:
         self._open[user_id] = self._open.get(user_id, 0) + 1
         self._idle_since.pop(user_id, None)
+        self.cluster.terminals_changed(user_id, self._open[user_id])
 
     def terminal_closed(self, user_id: str) -> None:
         left = self._open.get(user_id, 0) - 1
+        self.cluster.terminals_changed(user_id, max(0, left))
         if left > 0:
             self._open[user_id] = left
             return
@@ -142,7 +155,7 @@ class IdleReaper:
                 self._idle_since.setdefault(user_id, self.clock())
 
     def is_busy(self, user_id: str) -> bool:
-        return self._open.get(user_id, 0) > 0
+        return self._open.get(user_id, 0) > 0 or user_id in self._open_elsewhere
 
     def is_due(self, user_id: str) -> bool:
         since = self._idle_since.get(user_id)
@@ -170,6 +183,15 @@ class IdleReaper:
 
     async def sweep(self) -> list[str]:
         """One pass over the running containers; returns the users whose container went."""
+        # The lease outlasts a slow sweep (an engine under load): two sweeping at once would
+        # be harmless (each removal looks again under the user's lock), only wasteful.
+        leading = await self.cluster.hold_lease("reaper", max(3 * self.poll, LEASE_SECONDS))
+        if leading and self._leading is False:
+            self._idle_since.clear()  # clocks restart: we have not been watching
+        self._leading = leading
+        if not leading:
+            return []
+        await self._merge_activity()
         boxes = await self.target.running_boxes()
         for user_id in list(self._idle_since):
             if user_id not in boxes:
@@ -177,6 +199,22 @@ class IdleReaper:
         idle = {user: ref for user, ref in boxes.items() if not self.is_busy(user)}
         results = await asyncio.gather(*(self._check(user, ref) for user, ref in idle.items()))
         return [user for user, gone in zip(idle, results, strict=True) if gone]
+
+    async def refresh(self) -> None:
+        """Read the other replicas' terminal records again (the backend calls it before reaping)."""
+        await self._merge_activity()
+
+    async def _merge_activity(self) -> None:
+        """Terminals open on other replicas, and their last opens and closes, into the clocks."""
+        activity = await self.cluster.activity()
+        self._open_elsewhere = {user for user, seen in activity.items() if seen.open}
+        now_wall, now = time.time(), self.clock()
+        for user, seen in activity.items():
+            if user in self._open_elsewhere:
+                self._idle_since.pop(user, None)
+            elif user in self._idle_since:  # (new sightings start their clock now anyway)
+                since = now - max(0.0, now_wall - seen.changed_at)
+                self._idle_since[user] = max(self._idle_since.get(user, since), since)
 
     async def _check(self, user_id: str, ref: str) -> bool:
         self._idle_since.setdefault(user_id, self.clock())

@@ -29,6 +29,7 @@ UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 # Request headers a frontend page may send; nothing here reads an identity from a header.
 PREFLIGHT_HEADERS = {"content-type", "accept", "accept-language", "content-language", "x-requested-with",
                      "cache-control", "pragma"}
+STORE_DOWN = "the server's database is unavailable"
 
 
 class HTTPError(tornado.web.HTTPError):
@@ -219,6 +220,7 @@ def allowed_request_headers(requested: str) -> str:
     """The requested headers this API reads or ignores harmlessly; Content-Type at least."""
     names = {name.strip().lower() for name in requested.split(",")} & PREFLIGHT_HEADERS
     return ", ".join(sorted(names | {"content-type"}))
+STORE_DOWN = "the server's database is unavailable"
 
 
 def error_message(status_code: int, exc_info: Any) -> str:
@@ -228,6 +230,8 @@ def error_message(status_code: int, exc_info: Any) -> str:
             return exc.message
         if isinstance(exc, tornado.web.MissingArgumentError):
             return f"missing argument {exc.arg_name}"
+        if isinstance(exc, StoreError):
+            return STORE_DOWN
     if status_code == 401:
         return "unauthenticated"
     if status_code == 404:
