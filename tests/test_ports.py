@@ -10,12 +10,20 @@ from .conftest import FRONTEND, body_json
 from .conftest import test_environ as environ_for
 from .test_auth import sign_in
 
+
+@pytest.fixture
+def database_url(any_database_url) -> str:
+    """Every test here runs against SQLite and against PostgreSQL."""
+    return any_database_url
+
+
 TOP_BASE = 65516  # room for exactly two users: 65516-65525 and 65526-65535
 
 
 @pytest.fixture
-def server_env(data_dir, provider, http_port) -> dict[str, str]:
-    return environ_for(data_dir, provider, http_port, PORT_BASE=str(TOP_BASE))
+def server_env(data_dir, provider, http_port, database_url) -> dict[str, str]:
+    extra = {"DATABASE_URL": database_url} if database_url else {}
+    return environ_for(data_dir, provider, http_port, PORT_BASE=str(TOP_BASE), **extra)
 
 
 @pytest.mark.gen_test

@@ -15,9 +15,16 @@ import pytest
 
 from threecompute.deploy import Deployer
 from threecompute.handlers.webhook import DELIVERY_MEMORY_SECONDS
-from threecompute.store import Store
+from threecompute.store import open_store
 
 from .conftest import body_json
+
+
+@pytest.fixture
+def database_url(any_database_url) -> str:
+    """Every test here runs against SQLite and against PostgreSQL."""
+    return any_database_url
+
 
 SECRET = "hook-secret"
 SUCCESS = {"action": "completed", "workflow_run": {"conclusion": "success", "head_branch": "main"}}
@@ -144,7 +151,7 @@ async def test_delivery_ids_survive_a_restart_and_expire_after_a_day(client, ser
     payload = json.dumps(SUCCESS).encode()
     assert (await client.fetch("/github-webhook", "POST", payload, headers=delivered(payload, "abc-1"))).code == 200
     await services.deployer.wait_idle()
-    reopened = Store(services.settings.db_path, services.settings.port_base)  # what the next start opens
+    reopened = open_store(services.settings)  # what the next start opens
     try:
         assert not await reopened.first_delivery("abc-1", DELIVERY_MEMORY_SECONDS)
         later = time.time() + DELIVERY_MEMORY_SECONDS + 60
