@@ -40,7 +40,7 @@ async def test_metrics_are_prometheus_text(client):
     answer = await client.fetch("/metrics")
     assert answer.code == 200
     assert answer.headers["Content-Type"].startswith("text/plain")
-    assert "threecompute_users 1\n" in answer.body.decode()
+    assert "threecompute_users 1.0\n" in answer.body.decode()
 
 
 @pytest.mark.gen_test

@@ -39,6 +39,10 @@ QUIET_PATHS = {"/list-files", "/healthz", "/metrics"}  # polled: 100 lines a sec
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log, with the successful answers to polled paths at DEBUG."""
     status = handler.get_status()
+    app = handler.application
+    if isinstance(app, Application):
+        app.services.metrics.request_done(app.route_of(handler), handler.request.method or "",
+                                          status, handler.request.request_time())
     if status < 400 and handler.request.path in QUIET_PATHS:
         level = logging.DEBUG
     else:
@@ -72,6 +76,14 @@ class Application(tornado.web.Application):
         super().__init__(*args, **kwargs)
         self.services = services
         self.handler_args = {"services": services}
+        # The metrics' route label: the pattern, never the raw path (one series per route).
+        self._routes: dict[type, str] = {NotFoundHandler: "unmatched", MisdirectedHandler: "misdirected",
+                                         PreflightHandler: "preflight"}
+        for pattern, handler, *_ in (args[0] if args else kwargs.get("handlers", [])):
+            self._routes.setdefault(handler, pattern)
+
+    def route_of(self, handler: tornado.web.RequestHandler) -> str:
+        return self._routes.get(type(handler), "other")
 
     def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> HTTPMessageDelegate:
         if not host_allowed(request.host, self.services.settings.allowed_hosts):

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
+import time
+from collections.abc import Callable
 
 log = logging.getLogger("threecompute.deploy")
 
 
 class Deployer:
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, on_done: Callable[[int | None, float], None] | None = None) -> None:
         self.command = command
+        self.on_done = on_done  # (exit code, -1 if it could not start; seconds) after each run
         self.running = False
         self.queued = False
         self.runs_started = 0
@@ -42,6 +45,14 @@ class Deployer:
             self.running = False
 
     async def _run_once(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._run_command()
+        finally:
+            if self.on_done is not None:
+                self.on_done(self.last_exit_code, time.monotonic() - started)
+
+    async def _run_command(self) -> None:
         self.runs_started += 1
         log.info("deploy: starting %s", self.command)
         try:

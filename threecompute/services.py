@@ -13,6 +13,7 @@ from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
 from .identity import OAuthClient, TokenCodec
 from .limits import UserLimits
+from .metrics import Metrics
 from .pty.hub import TerminalHub
 from .settings import Settings
 from .store import Store, User, open_store
@@ -34,6 +35,7 @@ class Services:
     file_executor: ThreadPoolExecutor
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
     limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
+    metrics: Metrics = field(default_factory=Metrics)
 
     def user_ref(self, user: User) -> UserRef:
         return UserRef(user_id=user.id, port_start=user.port_start,
@@ -57,6 +59,9 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
     backend = backend or make_backend(settings)
     store = open_store(settings)
     backend.use_cluster(store.cluster())
+    metrics = Metrics()
+    hub = TerminalHub(backend, metrics)
+    metrics.watch(hub.metrics, backend.metrics)
     return Services(
         settings=settings,
         store=store,
@@ -64,7 +69,8 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
         oauth=OAuthClient(settings),
         workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),
         backend=backend,
-        hub=TerminalHub(backend),
-        deployer=Deployer(settings.deploy_command),
+        hub=hub,
+        deployer=Deployer(settings.deploy_command, metrics.deployed),
         file_executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="files"),
+        metrics=metrics,
     )

@@ -42,6 +42,7 @@ class Box:
 
     user: UserRef
     ref: str
+    cold: bool = field(default=False, compare=False)  # this ensure created or started the container
 
 
 @dataclass(frozen=True)

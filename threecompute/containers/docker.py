@@ -294,7 +294,7 @@ class DockerBackend(ContainerBackend):
                     container.unpause()
                 else:
                     container.start()
-                return Box(user=user, ref=container.id)
+                return Box(user=user, ref=container.id, cold=True)
             except docker.errors.APIError as exc:
                 if self._started_elsewhere(container):
                     return Box(user=user, ref=container.id)
@@ -319,7 +319,7 @@ class DockerBackend(ContainerBackend):
             self._remove_quietly(client, container.id)
             raise self._start_error(user, exc) from None
         self._running += 1  # until the next count from the engine
-        return Box(user=user, ref=container.id)
+        return Box(user=user, ref=container.id, cold=True)
 
     @staticmethod
     def _started_elsewhere(container: Container) -> bool:

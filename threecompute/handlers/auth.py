@@ -34,10 +34,11 @@ class SessionCookieMixin(BaseHandler):
             secure=settings.secure_cookies,
         )
 
-    async def sign_in(self, user_id: str, email: str) -> None:
+    async def sign_in(self, user_id: str, email: str, method: str) -> None:
         await self.services.store.record_login(user_id, email, self.client_ip())
         await self.in_executor(self.services.workspaces.for_user, user_id)
         self.start_session(user_id, email)
+        self.services.metrics.sign_ins.labels(method).inc()
 
 
 class LoginHandler(SessionCookieMixin):
@@ -79,7 +80,7 @@ class CallbackHandler(SessionCookieMixin):
         except SignInError as exc:
             raise HTTPError(400, str(exc)) from None
         try:
-            await self.sign_in(profile.user_id, profile.email)
+            await self.sign_in(profile.user_id, profile.email, "oauth")
         except NoPortsLeft as exc:
             log.warning("sign-in of %s refused: %s", profile.email, exc)
             self.redirect(f"{frontend}/login?error=no_ports_left")
@@ -95,7 +96,7 @@ class DevLoginHandler(SessionCookieMixin):
         email = self.get_query_argument("email", "").strip().lower()
         if not EMAIL.match(email):
             raise HTTPError(400, "email must be an address like student@example.com")
-        await self.sign_in(dev_user_id(email), email)
+        await self.sign_in(dev_user_id(email), email, "dev")
         self.redirect(safe_next_path(self.get_query_argument("next", "/")))
 
 

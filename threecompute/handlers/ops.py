@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..metrics import CONTENT_TYPE
 from .base import BaseHandler
 
 HEALTH_TIMEOUT_SECONDS = 3.0
@@ -30,19 +31,7 @@ async def bounded(check) -> dict:  # noqa: ANN001 - an awaitable health check
 
 class MetricsHandler(BaseHandler):
     async def get(self) -> None:
-        users = await self.services.store.count_users()
-        gauges = {
-            "users": users,
-            **prefixed("terminal", self.services.hub.metrics()),
-            **prefixed("backend", self.services.backend.metrics()),
-        }
-        lines = []
-        for name, value in sorted(gauges.items()):
-            lines.append(f"# TYPE threecompute_{name} gauge")
-            lines.append(f"threecompute_{name} {float(value):g}")
-        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish("\n".join(lines) + "\n")
-
-
-def prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}_{key}": value for key, value in values.items()}
+        metrics = self.services.metrics
+        metrics.users.set(await self.services.store.count_users())
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(metrics.text())

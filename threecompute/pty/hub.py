@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..containers.backend import AttachCommand, BackendError, Box, ContainerBackend, UserRef
-from .session import PtySession, Send
+from ..metrics import Metrics
+from .session import PtySession, PtyStats, Send
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,16 @@ def attach_env(command: AttachCommand) -> dict[str, str]:
         env["LANG"] = "C.UTF-8"  # tmux draws non-ASCII as '_' unless the locale says UTF-8
     env.update(command.env)
     return env
+
+# Per-session figures summed for /metrics: total name -> PtyStats field.
+STAT_TOTALS = {"pty_bytes_out_total": "bytes_out", "pty_bytes_in_total": "bytes_in",
+               "pty_frames_out_total": "frames_out", "pty_pauses_total": "pauses",
+               "pty_input_overflows_total": "input_overflows", "pty_send_errors_total": "send_errors"}
+
+
+def add_stats(totals: dict[str, int], stats: PtyStats) -> None:
+    for total, name in STAT_TOTALS.items():
+        totals[total] += getattr(stats, name)
 
 
 @dataclass(eq=False)
@@ -165,8 +176,9 @@ class FilesNotifier:
 class TerminalHub:
     """All open terminals, by user; opens and closes them through the container backend."""
 
-    def __init__(self, backend: ContainerBackend) -> None:
+    def __init__(self, backend: ContainerBackend, metrics: Metrics | None = None) -> None:
         self.backend = backend
+        self.metrics_out = metrics or Metrics()
         self.files = FilesNotifier()
         self._by_user: dict[str, dict[str, Terminal]] = {}
         self._shutting_down = False
@@ -177,7 +189,7 @@ class TerminalHub:
         self._counters = dict.fromkeys(
             ("terminals_opened_total", "terminals_closed_total", "terminals_exited_total",
              "ensure_errors_total", "spawn_errors_total", "detach_errors_total"), 0)
-        self._closed_totals = {"pty_bytes_out_total": 0, "pty_frames_out_total": 0, "pty_pauses_total": 0}
+        self._closed_totals = dict.fromkeys(STAT_TOTALS, 0)
 
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
                    on_exit: Callable[[], None]) -> Terminal:
@@ -193,6 +205,8 @@ class TerminalHub:
         except Exception:
             self._counters["ensure_errors_total"] += 1
             raise
+        if box.cold:
+            self.metrics_out.container_start_seconds.observe(time.monotonic() - started)
         self._refuse_if_shutting_down()
         client_id = secrets.token_hex(8)
         command = self.backend.attach_command(box, tab_id, client_id)
@@ -203,13 +217,14 @@ class TerminalHub:
                 self._on_program_exit(terminal, on_exit)
 
         try:
-            session = PtySession(command.argv, self._observed(send, started, user.user_id), on_exit=exited,
+            session = PtySession(command.argv, self._observed(send, started, user.user_id, box.cold), on_exit=exited,
                                  env=attach_env(command), cwd=command.cwd, rows=rows, cols=cols)
         except OSError as exc:
             self._counters["spawn_errors_total"] += 1
             log.warning("could not start %s for user %s: %s", command.argv[:1], user.user_id, exc)
             raise BackendError(f"could not start the terminal: {exc}") from exc
         self._attach.add(time.monotonic() - started)
+        self.metrics_out.attached(box.cold, time.monotonic() - started)
         terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session)
         # Not in _background: shutdown need not wait for a redraw.
         terminal.on_first_resize = lambda: self._spawn(self._redraw(terminal), self._redraws)
@@ -244,9 +259,7 @@ class TerminalHub:
         live = self.terminals()
         totals = dict(self._closed_totals)
         for t in live:
-            totals["pty_bytes_out_total"] += t.session.stats.bytes_out
-            totals["pty_frames_out_total"] += t.session.stats.frames_out
-            totals["pty_pauses_total"] += t.session.stats.pauses
+            add_stats(totals, t.session.stats)
         return {
             "open_terminals": len(live),
             "terminal_users": len(self._by_user),
@@ -263,7 +276,7 @@ class TerminalHub:
         if self._shutting_down:
             raise BackendError("the server is shutting down")
 
-    def _observed(self, send: Send, started: float, user_id: str) -> Send:
+    def _observed(self, send: Send, started: float, user_id: str, cold: bool) -> Send:
         """Wrap `send` to record how long the user waited from connect to first output, and
         to let the files notifier know that the user's programs are doing something."""
         seen = False
@@ -273,6 +286,7 @@ class TerminalHub:
             if not seen:
                 seen = True
                 self._first_output.add(time.monotonic() - started)
+                self.metrics_out.first_output(cold, time.monotonic() - started)
             self.files.output(user_id)
             return send(text)
 
@@ -316,10 +330,7 @@ class TerminalHub:
         if per_user.pop(terminal.client_id, None) is None:
             return
         self._counters["terminals_closed_total"] += 1
-        stats = terminal.session.stats
-        self._closed_totals["pty_bytes_out_total"] += stats.bytes_out
-        self._closed_totals["pty_frames_out_total"] += stats.frames_out
-        self._closed_totals["pty_pauses_total"] += stats.pauses
+        add_stats(self._closed_totals, terminal.session.stats)
         if not per_user:
             del self._by_user[terminal.user_id]
             self._notify(self.backend.terminal_closed, terminal.user)

@@ -77,6 +77,7 @@ class PtyStats:
     frames_out: int = 0  # handed to the sink
     bytes_in: int = 0  # written to the PTY
     pauses: int = 0  # times reading stopped for flow control
+    input_overflows: int = 0  # writes refused because the program stopped reading
     dropped_input: int = 0  # bytes refused because the input buffer was full
     send_errors: int = 0  # frames the sink raised on
     started_at: float = field(default_factory=time.monotonic)
@@ -215,6 +216,7 @@ class PtySession:
         data = text.encode("utf-8", errors="replace")
         if len(self._input) + len(data) > MAX_INPUT_BYTES:
             self.stats.dropped_input += len(data)
+            self.stats.input_overflows += 1
             raise PtyInputOverflow("the terminal is not reading its input; some input was dropped")
         self._input += data
         self._drain_input()
