@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint image engine browser cluster-deps cluster cluster-down cluster-status bench loadtest clean web
+.PHONY: ttyd-deps setup run test test-fast lint image engine browser cluster-deps cluster cluster-down cluster-status bench loadtest clean web
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

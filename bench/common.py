@@ -838,3 +838,99 @@ def running_terminado(root: Path) -> Iterator[TerminadoProcess]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+# -- ttyd, the C peer (libwebsockets), serving the same argv -------------------------------
+
+TTYD_DEFAULT = ROOT.parent / "shared" / "peers" / "ttyd"
+
+
+def ttyd_path() -> Path | None:
+    """The ttyd binary from TTYD (default ../shared/peers/ttyd), or None when it cannot run."""
+    path = Path(os.environ.get("TTYD") or TTYD_DEFAULT)
+    try:
+        ok = subprocess.run([str(path), "--version"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return path if ok else None
+
+
+def ttyd_missing_message() -> str:
+    where = os.environ.get("TTYD") or TTYD_DEFAULT
+    return (f"ttyd not found or not runnable at {where}: set TTYD=path to a ttyd binary "
+            "(and run scripts/ttyd-deps.sh for its libraries); benchmarking without it")
+
+
+class TtydTerminal(WebSocketTerminal):
+    """ttyd's protocol: subprotocol `tty`, a JSON hello, then type-byte frames ('0' = data)."""
+
+    kind = "ttyd"
+
+    def __init__(self, connection: WebSocketClientConnection) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        super().__init__(connection)
+
+    @classmethod
+    async def open(cls, url: str, rows: int = 24, cols: int = 80, timeout: float = 60) -> TtydTerminal:
+        request = HTTPRequest(url, connect_timeout=timeout, request_timeout=timeout)
+        connection = await websocket_connect(request, max_message_size=64 * 2**20, subprotocols=["tty"])
+        term = cls(connection)
+        await term.write(json.dumps({"AuthToken": "", "columns": cols, "rows": rows}))
+        return term
+
+    def handle(self, message: str | bytes) -> None:
+        data = message.encode() if isinstance(message, str) else message
+        if data[:1] == b"0":
+            text = self._decoder.decode(data[1:])
+            if text:
+                self.received(text)
+
+    async def send(self, text: str) -> None:
+        await self.write("0" + text)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.write("1" + json.dumps({"columns": cols, "rows": rows}))
+
+
+@dataclass
+class TtydProcess:
+    """One ttyd on loopback; each connection runs argv[0] with the rest of the argv sent as
+    `?arg=` (`--url-arg`), so every tab gets exactly the command our server would run."""
+
+    port: int
+    program: str
+    proc: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def open(self, spec: AttachSpec) -> TtydTerminal:
+        if spec.argv[0] != self.program:
+            raise RuntimeError(f"ttyd runs {self.program}, not {spec.argv[0]}")
+        query = urllib.parse.urlencode([("arg", a) for a in spec.argv[1:]])
+        return await TtydTerminal.open(f"ws://127.0.0.1:{self.port}/ws?{query}")
+
+
+@contextlib.contextmanager
+def running_ttyd(binary: Path, spec: AttachSpec) -> Iterator[TtydProcess]:
+    """ttyd for the program of `spec`, with its environment and folder."""
+    port = free_port()
+    argv = [str(binary), "--port", str(port), "--interface", "127.0.0.1", "--writable", "--url-arg",
+            spec.argv[0]]
+    proc = subprocess.Popen(argv, env=spec.env, cwd=spec.cwd or ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while port_is_free(port, "127.0.0.1"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ttyd did not start (exit {proc.poll()})")
+            time.sleep(0.05)
+        yield TtydProcess(port=port, program=spec.argv[0], proc=proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -4,12 +4,13 @@
 
 Three clients type into tmux sessions of the same container through the same
 `docker exec -it ... tmux new-session -A` command (the backend's own `attach_command`):
-our server (WebSocket → PTY → docker exec → tmux), terminado serving that command (its own
-process, like ours), and the floor, a PTY in this process with no WebSocket. At each level
-N, N-1 idle terminals are open on our server and on terminado (spread over users, 50 per
-container), one is measured. Keystrokes alternate between the three clients one by one
-(and `seq` runs likewise), so a noisy moment on the machine hurts all three alike. Memory
-of both servers and their PTY children is sampled at each level, before and after the
+our server (WebSocket → PTY → docker exec → tmux), ttyd (C, libwebsockets; found through
+TTYD=path, default ../shared/peers/ttyd, skipped with a message when missing) and terminado
+serving that command (each its own process, like ours), and the floor, a PTY in this process
+with no WebSocket. At each level N, N-1 idle terminals are open on each server (spread over
+users, 50 per container), one is measured. Keystrokes alternate between the clients one by
+one (and `seq` runs likewise), so a noisy moment on the machine hurts all alike. Memory of
+the servers and their PTY children is sampled at each level, before and after the
 measurements (bench/memory.py reads them).
 """
 
@@ -31,6 +32,7 @@ from bench.common import (
     ServerProcess,
     TermClient,
     TerminadoProcess,
+    TtydProcess,
     attach_spec,
     children_memory,
     container_of,
@@ -42,7 +44,10 @@ from bench.common import (
     run_main,
     running_server,
     running_terminado,
+    running_ttyd,
     summarize,
+    ttyd_missing_message,
+    ttyd_path,
     visible,
     wait_first_output,
     write_json,
@@ -55,7 +60,8 @@ SEQ_COMMAND = "seq 1 300000"
 SEQ_TIMEOUT = 90.0
 LETTERS = "abcdefgijknopqrstuvwxyz"
 CLEAR_EVERY = 40
-KINDS = ("3compute", "terminado", "raw")
+KINDS = ("3compute", "ttyd", "terminado", "raw")
+SERVERS = ("3compute", "ttyd", "terminado")  # the ones with idle terminals and memory
 
 
 def log(message: str) -> None:
@@ -73,6 +79,11 @@ class Rig:
     measured: dict[str, TermClient] = field(default_factory=dict)
     idle: dict[str, list[TermClient]] = field(default_factory=lambda: {"3compute": [], "terminado": []})
     refs: dict[str, str] = field(default_factory=dict)  # email -> container id
+    ttyd: TtydProcess | None = None
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in KINDS if k != "ttyd" or self.ttyd is not None]
 
     def spec(self, user: int, tab: str) -> AttachSpec:
         """The attach command for a tab of user `user`, whose container exists."""
@@ -98,6 +109,12 @@ class Rig:
         await wait_first_output(term, ATTACH_TIMEOUT)
         return term
 
+    async def open_ttyd(self, index: int, tab: str) -> TermClient:
+        assert self.ttyd is not None
+        term = await self.ttyd.open(self.spec(index // PER_USER, tab))
+        await wait_first_output(term, ATTACH_TIMEOUT)
+        return term
+
     def open_raw(self, tab: str) -> TermClient:
         spec = self.spec(0, tab)
         return RawTerminal(spec.argv, spec.env)
@@ -109,8 +126,8 @@ class Rig:
 
         async def one(kind: str, index: int) -> None:
             async with gate:
-                opener = self.open_ours if kind == "3compute" else self.open_terminado
-                tab = f"i{index}" if kind == "3compute" else f"t{index}"
+                opener = {"3compute": self.open_ours, "ttyd": self.open_ttyd, "terminado": self.open_terminado}[kind]
+                tab = {"3compute": "i", "ttyd": "y", "terminado": "t"}[kind] + str(index)
                 self.idle[kind].append(await opener(index, tab))
 
         jobs = [one(kind, i) for kind in self.idle for i in range(len(self.idle[kind]), count)]
@@ -118,18 +135,27 @@ class Rig:
         return time.perf_counter() - started
 
     def close_all(self) -> None:
-        for term in [*self.measured.values(), *self.idle["3compute"], *self.idle["terminado"]]:
+        for term in [*self.measured.values(), *(t for idle in self.idle.values() for t in idle)]:
             with contextlib.suppress(Exception):
                 term.close()
 
 
-async def make_rig(server: ServerProcess, terminado: TerminadoProcess, max_level: int) -> Rig:
+async def make_rig(server: ServerProcess, terminado: TerminadoProcess, max_level: int,
+                   stack: contextlib.ExitStack) -> Rig:
     users = max(1, math.ceil(max_level / PER_USER))
     emails = [f"bench{i}@example.com" for i in range(users)]
     cookies = list(await asyncio.gather(*(dev_login(server.base_url, e) for e in emails)))
     rig = Rig(server=server, terminado=terminado, emails=emails, cookies=cookies)
     await rig.make_boxes()
+    binary = ttyd_path()
+    if binary is None:
+        log(ttyd_missing_message())
+    else:
+        rig.ttyd = stack.enter_context(running_ttyd(binary, rig.spec(0, "yprobe")))
+        rig.idle["ttyd"] = []
     rig.measured["3compute"] = await rig.open_ours(0, "m1")
+    if rig.ttyd is not None:
+        rig.measured["ttyd"] = await rig.open_ttyd(0, "ym1")
     rig.measured["terminado"] = await rig.open_terminado(0, "tm1")
     rig.measured["raw"] = rig.open_raw("rm1")
     await wait_first_output(rig.measured["raw"], ATTACH_TIMEOUT)
@@ -187,10 +213,10 @@ async def seq_once(term: TermClient, tag: str) -> dict[str, float]:
 
 
 def memory_snapshot(rig: Rig) -> dict[str, Any]:
-    return {
-        "3compute": {"server": process_memory(rig.server.pid), "children": children_memory(rig.server.pid)},
-        "terminado": {"server": process_memory(rig.terminado.pid), "children": children_memory(rig.terminado.pid)},
-    }
+    pids = {"3compute": rig.server.pid, "terminado": rig.terminado.pid}
+    if rig.ttyd is not None:
+        pids["ttyd"] = rig.ttyd.pid
+    return {who: {"server": process_memory(pid), "children": children_memory(pid)} for who, pid in pids.items()}
 
 
 async def measure_level(rig: Rig, level: int, keystrokes: int, seq_reps: int) -> dict[str, Any]:
@@ -198,10 +224,10 @@ async def measure_level(rig: Rig, level: int, keystrokes: int, seq_reps: int) ->
     log(f"level {level}: {level - 1} idle terminals on each server (opened in {opened_in:.1f} s)")
     await asyncio.sleep(1.0)  # let the idle ones finish drawing
     memory = memory_snapshot(rig)
-    echoes, lost = await interleaved_echoes({kind: rig.measured[kind] for kind in KINDS}, keystrokes)
-    seqs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    echoes, lost = await interleaved_echoes({kind: rig.measured[kind] for kind in rig.kinds}, keystrokes)
+    seqs: dict[str, list[dict[str, float]]] = {k: [] for k in rig.kinds}
     for rep in range(seq_reps):
-        for kind in KINDS:
+        for kind in rig.kinds:
             seqs[kind].append(await seq_once(rig.measured[kind], f"{level}x{rep}"))
     result = {"level": level, "idle_open_seconds": round(opened_in, 2), "memory": memory,
               "memory_after": memory_snapshot(rig),
@@ -210,7 +236,7 @@ async def measure_level(rig: Rig, level: int, keystrokes: int, seq_reps: int) ->
               "seq": {k: seq_summary(v) for k, v in seqs.items()}}
     result["ratios"] = level_ratios(result)
     log(f"level {level}: " + ", ".join(f"{k} echo p50 {result['echo_ms'][k]['p50']} ms, "
-                                         f"seq {result['seq'][k]['median_s']} s" for k in KINDS))
+                                         f"seq {result['seq'][k]['median_s']} s" for k in rig.kinds))
     return result
 
 
@@ -222,7 +248,13 @@ def seq_summary(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def level_ratios(result: dict[str, Any]) -> dict[str, float | None]:
     echo, seq = result["echo_ms"], result["seq"]
+    ttyd = echo.get("ttyd", {})
     return {
+        "echo_p50_vs_ttyd": ratio(echo["3compute"]["p50"], ttyd.get("p50")),
+        "echo_p99_vs_ttyd": ratio(echo["3compute"]["p99"], ttyd.get("p99")),
+        "echo_p99_vs_raw": ratio(echo["3compute"]["p99"], echo["raw"]["p99"]),
+        "ttyd_p50_vs_raw": ratio(ttyd.get("p50"), echo["raw"]["p50"]),
+        "seq_vs_ttyd": ratio(seq["3compute"]["median_s"], seq.get("ttyd", {}).get("median_s")),
         "echo_p50_vs_terminado": ratio(echo["3compute"]["p50"], echo["terminado"]["p50"]),
         "echo_p50_vs_raw": ratio(echo["3compute"]["p50"], echo["raw"]["p50"]),
         "echo_p99_vs_terminado": ratio(echo["3compute"]["p99"], echo["terminado"]["p99"]),
@@ -233,8 +265,8 @@ def level_ratios(result: dict[str, Any]) -> dict[str, float | None]:
 
 
 async def run_levels(server: ServerProcess, levels: list[int], keystrokes: int, seq_reps: int) -> dict[str, Any]:
-    with running_terminado(server.root) as terminado:
-        rig = await make_rig(server, terminado, max(levels))
+    with running_terminado(server.root) as terminado, contextlib.ExitStack() as stack:
+        rig = await make_rig(server, terminado, max(levels), stack)
         try:
             results = [await measure_level(rig, lv, keystrokes, seq_reps) for lv in sorted(levels)]
         finally:
@@ -247,13 +279,14 @@ async def run_levels(server: ServerProcess, levels: list[int], keystrokes: int, 
 def print_table(data: dict[str, Any]) -> None:
     print(f"{'terminals':>9} {'who':<10} {'echo p50':>9} {'p95':>7} {'p99':>7} {'max':>7} {'seq s':>7}")
     for level in data["levels"]:
-        for kind in KINDS:
+        for kind in [k for k in KINDS if k in level["echo_ms"]]:
             e, s = level["echo_ms"][kind], level["seq"][kind]
             print(f"{level['level']:>9} {kind:<10} {e['p50']:>9.2f} {e['p95']:>7.2f} {e['p99']:>7.2f} "
                   f"{e['max']:>7.2f} {s['median_s']:>7.2f}")
         r = level["ratios"]
-        print(f"{'':>9} ratios: echo p50 {r['echo_p50_vs_terminado']}x terminado, {r['echo_p50_vs_raw']}x raw; "
-              f"seq {r['seq_vs_terminado']}x terminado")
+        print(f"{'':>9} ratios: echo p50 {r['echo_p50_vs_ttyd']}x ttyd, {r['echo_p50_vs_terminado']}x terminado, "
+              f"{r['echo_p50_vs_raw']}x raw; p99 {r['echo_p99_vs_raw']}x raw; seq {r['seq_vs_ttyd']}x ttyd, "
+              f"{r['seq_vs_terminado']}x terminado")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,7 +46,7 @@ def per_terminal(levels: list[dict[str, Any]], who: str) -> dict[str, Any]:
 
 def memory_report(echo_data: dict[str, Any]) -> dict[str, Any]:
     levels = echo_data["levels"]
-    return {"3compute": per_terminal(levels, "3compute"), "terminado": per_terminal(levels, "terminado")}
+    return {who: per_terminal(levels, who) for who in ("3compute", "ttyd", "terminado") if who in levels[0]["memory"]}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     with running_server(args.backend) as server:
         echo_data = asyncio.run(run_levels(server, levels, keystrokes=5, seq_reps=1))
     report = memory_report(echo_data) | {"backend": args.backend, "machine": machine_info()}
-    print_report({k: v for k, v in report.items() if k in ("3compute", "terminado")})
+    print_report({k: v for k, v in report.items() if k in ("3compute", "ttyd", "terminado")})
     print(f"wrote {write_json('memory', report)}")
 
 
