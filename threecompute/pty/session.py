@@ -22,6 +22,7 @@ import codecs
 import contextlib
 import errno
 import inspect
+import io
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from functools import partial
 from typing import Any
 
 from ptyprocess import PtyProcess
+from ptyprocess.ptyprocess import _make_eof_intr
 from tornado.ioloop import IOLoop
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,15 @@ class _Pty(PtyProcess):
     _last: _Pty | None = None
 
     def __init__(self, pid: int, fd: int) -> None:
-        super().__init__(pid, fd)
+        # PtyProcess.__init__ (ptyprocess 0.7.0) wraps the fd in a BufferedRWPair: two 8 KiB
+        # buffers per terminal, half of the server's memory per terminal, that nothing here
+        # uses (the session reads and writes the fd itself). An unbuffered file closes it alike.
+        _make_eof_intr()
+        self.pid, self.fd = pid, fd
+        self.fileobj = io.FileIO(fd, "r+", closefd=True)
+        self.terminated = self.closed = self.flag_eof = False
+        self.exitstatus = self.signalstatus = self.status = None
+        self.delayafterclose = self.delayafterterminate = 0.1
         _Pty._last = self
 
     @classmethod
@@ -175,6 +185,7 @@ class PtySession:
         self._proc = _Pty.start(list(argv), env=env, dimensions=(rows, cols),
                                 preexec_fn=partial(_child_setup, cwd))
         self._fd: int = self._proc.fd
+        self._proc.env = None  # its own copy of the whole environment, never read again
         os.set_blocking(self._fd, False)
         self._events = IOLoop.READ
         self._loop.add_handler(self._fd, self._on_events, IOLoop.READ)
