@@ -13,6 +13,7 @@ import sys
 
 from tornado.httpserver import HTTPServer
 
+from threecompute import logs
 from threecompute.app import make_app, make_http_server
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"3compute: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format, settings.debug)
     raise_open_file_limit()
     if settings.secret_generated:
         log.warning("FLASK_SECRET is not set: using a random one for this run (--dev); sessions end with it")

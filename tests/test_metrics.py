@@ -8,18 +8,24 @@ input, a client that stops acknowledging output), against the hub with its own r
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
+import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from threecompute.containers.backend import BackendError
 from threecompute.deploy import Deployer
+from threecompute.logs import JsonFormatter
 from threecompute.metrics import Metrics
 from threecompute.pty import PtyInputOverflow
 from threecompute.pty.hub import TerminalHub
+from threecompute.settings import load_settings
 
 from .conftest import Client
 from .terminal_client import TerminalClient
@@ -175,3 +181,55 @@ async def test_cold_then_warm_attach_and_container_start_on_docker(make_client):
     assert value(samples, "threecompute_running_containers") >= 1
     first.close()
     second.close()
+
+
+# -- structured logs ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_access_log():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tornado.access")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.gen_test
+async def test_json_access_log_lines_carry_the_request_fields(client, json_access_log):
+    await client.dev_login("logs@example.com")
+    answer = await client.fetch("/auth/me", headers={"X-Request-Id": "req-42"})
+    assert answer.code == 200
+    assert (await client.fetch("/file/missing.txt", headers={"X-Request-Id": "bad id!"})).code == 404
+    lines = [json.loads(line) for line in json_access_log.getvalue().splitlines()]
+    me = next(line for line in lines if line.get("path") == "/auth/me")
+    assert me["request_id"] == "req-42" and me["route"] == "/auth/me" and me["status"] == 200
+    assert me["user_id"] and me["method"] == "GET" and me["duration_ms"] >= 0
+    assert me["level"] == "INFO" and me["logger"] == "tornado.access" and "time" in me
+    missing = next(line for line in lines if line.get("path") == "/file/missing.txt")
+    assert missing["status"] == 404 and missing["route"] == "/file/(.*)"
+    assert missing["request_id"] != "bad id!" and len(missing["request_id"]) == 16  # made up, not echoed
+
+
+def test_log_format_setting():
+    assert load_settings(["--dev", "--log-format", "json"], {}, dotenv=Path("/nonexistent")).log_format == "json"
+    assert load_settings(["--dev"], {}, dotenv=Path("/nonexistent")).log_format == "text"
+
+
+@pytest.mark.gen_test
+async def test_every_metric_on_the_grafana_dashboard_is_served(client):
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    wanted = {name for panel in dashboard["panels"] for target in panel["targets"]
+              for name in re.findall(r"threecompute_[a-z_]+", target["expr"])}
+    answer = await client.fetch("/metrics")
+    served = {s.name for family in text_string_to_metric_families(answer.body.decode()) for s in family.samples}
+    families = {f.name for f in text_string_to_metric_families(answer.body.decode())}
+    missing = {n for n in wanted if n not in served and re.sub(r"_(bucket|sum|count)$", "", n) not in families}
+    assert len(wanted) >= 15 and not missing, missing

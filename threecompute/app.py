@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
+import secrets
 from typing import Any
 
 import tornado.httputil
@@ -33,21 +35,29 @@ def server_options() -> dict[str, float]:
             "body_timeout": BODY_TIMEOUT_SECONDS}
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a proxy's X-Request-Id, when it sets a sane one
 QUIET_PATHS = {"/list-files", "/healthz", "/metrics"}  # polled: 100 lines a second for a class of 30
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log, with the successful answers to polled paths at DEBUG."""
-    status = handler.get_status()
+    status, request = handler.get_status(), handler.request
     app = handler.application
+    route = app.route_of(handler) if isinstance(app, Application) else "other"
     if isinstance(app, Application):
-        app.services.metrics.request_done(app.route_of(handler), handler.request.method or "",
-                                          status, handler.request.request_time())
-    if status < 400 and handler.request.path in QUIET_PATHS:
+        app.services.metrics.request_done(route, request.method or "", status, request.request_time())
+    if status < 400 and request.path in QUIET_PATHS:
         level = logging.DEBUG
     else:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    access_log.log(level, "%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
+    if not access_log.isEnabledFor(level):
+        return
+    user = getattr(handler, "_current_user", None)  # only if the handler authenticated: no decode here
+    given = request.headers.get("X-Request-Id", "")
+    fields = {"request_id": given[:64] if REQUEST_ID.fullmatch(given) else secrets.token_hex(8),
+              "user_id": getattr(user, "user_id", None), "route": route, "method": request.method,
+              "path": request.path, "status": status, "duration_ms": round(1000.0 * request.request_time(), 2)}
+    access_log.log(level, "%d %s %.2fms", status, handler._request_summary(), fields["duration_ms"], extra=fields)
 
 
 class NotFoundHandler(BaseHandler):

@@ -90,6 +90,14 @@ class Metrics:
         self.sign_ins = Counter("threecompute_sign_ins", "Sign-ins, by method", ["method"], registry=r)
         self.http_errors = 0  # 5xx answers, reported under threecompute_errors_total{kind="http_5xx"}
         self.users = Gauge("threecompute_users", "Users known to the store", registry=r)
+        # Every series exists from the start (at 0), so that rate() sees the first event.
+        for method in ("dev", "oauth"):
+            self.sign_ins.labels(method)
+        for start in ("cold", "warm"):
+            self.attach_seconds.labels(start)
+            self.first_output_seconds.labels(start)
+        for outcome in ("ok", "failed"):
+            self.deploy_seconds.labels(outcome)
 
     def watch(self, hub: Callable[[], dict[str, float]], backend: Callable[[], dict[str, float]]) -> None:
         self.registry.register(LiveCollector(hub, backend, lambda: {"http_5xx": self.http_errors}))

@@ -37,6 +37,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 5555
     debug: bool = False
+    log_format: str = "text"
     dev: bool = False
     backend: str = "docker"
     secret: str = ""
@@ -104,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     parser.add_argument("--dev", action="store_true", help="development mode (dev-login, no Secure cookie)")
     parser.add_argument("--backend", default="docker", choices=["docker", "local"], help="where terminals run")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text lines (default) or one JSON object per line")
     return parser.parse_args(argv)
 
 
@@ -219,6 +222,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         host=host,
         port=port,
         debug=args.debug,
+        log_format=args.log_format,
         dev=args.dev,
         backend=args.backend,
         secret=secret,
