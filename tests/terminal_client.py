@@ -16,6 +16,7 @@ class TerminalClient:
         self.connection = connection
         self.screen = ""  # everything received as output so far
         self.errors: list[str] = []
+        self.progress: list[tuple[str, int]] = []  # (message, length of the screen when it came)
 
     @classmethod
     async def open(cls, client: Client, tab: str = "1", origin: str | None = None,
@@ -47,6 +48,8 @@ class TerminalClient:
             self.screen += frame["data"]["output"]
         elif frame["type"] == "error":
             self.errors.append(frame["data"]["message"])
+        elif frame["type"] == "progress":
+            self.progress.append((frame["data"]["message"], len(self.screen)))
         return frame
 
     async def read_until(self, needle: str, timeout: float = 15) -> str:

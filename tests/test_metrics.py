@@ -1,4 +1,5 @@
-"""GET /metrics (prometheus_client): every metric moves when its event happens.
+"""GET /metrics (prometheus_client): every metric moves when its event happens; the JSON
+access log; progress frames while a container starts.
 
 Against a real server on loopback (local backend; the cold/warm attach test again on Docker),
 and for what a real server cannot be made to do on cue (a program that stops reading its
@@ -8,6 +9,7 @@ input, a client that stops acknowledging output), against the hub with its own r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +26,7 @@ from threecompute.deploy import Deployer
 from threecompute.logs import JsonFormatter
 from threecompute.metrics import Metrics
 from threecompute.pty import PtyInputOverflow
-from threecompute.pty.hub import TerminalHub
+from threecompute.pty.hub import STARTED_MESSAGE, STARTING_MESSAGE, TerminalHub
 from threecompute.settings import load_settings
 
 from .conftest import Client
@@ -174,6 +176,9 @@ async def test_cold_then_warm_attach_and_container_start_on_docker(make_client):
     await first.run("echo cold-$((1+1))", "cold-2")
     second = await TerminalClient.open(client, tab="2")
     await second.run("echo warm-$((2+2))", "warm-4")
+    # The first attach started the container: the client heard so before any output.
+    assert [m for m, _ in first.progress][-1].startswith("workspace container started"), first.progress
+    assert first.progress[-1][1] == 0 and second.progress == []
     samples = await scrape(client)
     assert value(samples, "threecompute_terminal_attach_seconds_count", start="cold") == 1
     assert value(samples, "threecompute_terminal_attach_seconds_count", start="warm") == 1
@@ -233,3 +238,52 @@ async def test_every_metric_on_the_grafana_dashboard_is_served(client):
     families = {f.name for f in text_string_to_metric_families(answer.body.decode())}
     missing = {n for n in wanted if n not in served and re.sub(r"_(bucket|sum|count)$", "", n) not in families}
     assert len(wanted) >= 15 and not missing, missing
+
+
+# -- progress while the container starts ---------------------------------------------------
+
+
+@pytest.fixture
+def slow_cold_start(services, monkeypatch):
+    """The backend's ensure made slow and reported as a container start (local tmux starts
+    no container; the Docker test above sees real ones)."""
+    real = services.backend.ensure
+
+    async def slow(user):  # noqa: ANN001, ANN202 - the backend's own signature
+        await asyncio.sleep(0.6)
+        return dataclasses.replace(await real(user), cold=True)
+
+    monkeypatch.setattr(services.backend, "ensure", slow)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_websocket_client_gets_progress_frames_before_output(client, slow_cold_start):
+    await client.dev_login("progress@example.com")
+    term = await TerminalClient.open(client, tab="3")
+    await term.run("echo after-$((1+1))", "after-2")
+    assert [m for m, _ in term.progress] == [STARTING_MESSAGE, STARTED_MESSAGE]
+    assert all(at == 0 for _, at in term.progress), term.progress  # both before any output
+    term.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_quick_attach_sends_no_progress(client):
+    await client.dev_login("quick@example.com")
+    term = await TerminalClient.open(client, tab="4")
+    await term.run("echo quick-$((2+3))", "quick-5")
+    assert term.progress == []
+    term.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_failed_start_after_progress_is_a_clear_error(client, services, monkeypatch):
+    async def failing(user):  # noqa: ANN001, ANN202
+        await asyncio.sleep(0.6)
+        raise BackendError("container limit reached (3 running); try again later")
+
+    monkeypatch.setattr(services.backend, "ensure", failing)
+    await client.dev_login("fails@example.com")
+    term = await TerminalClient.open(client, tab="5")
+    assert "container limit reached" in await term.read_error()
+    assert [m for m, _ in term.progress] == [STARTING_MESSAGE]
+    term.close()

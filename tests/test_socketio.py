@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -183,6 +184,26 @@ def login(make_client, tmux_servers):
 
 
 # -- the terminal ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_slow_container_start_shows_dim_progress_lines(sio_url, login, services, monkeypatch):
+    real = services.backend.ensure
+
+    async def slow_cold(user):  # noqa: ANN001, ANN202 - the backend's own signature
+        await asyncio.sleep(0.6)
+        return dataclasses.replace(await real(user), cold=True)
+
+    monkeypatch.setattr(services.backend, "ensure", slow_cold)
+    term = Term(sio_url, await login("slow@example.com"), tab="1")
+    await term.connect()
+    try:
+        await run(term, "echo after-$((1+1))", "after-2")
+        starting = "\x1b[2m[3compute] starting your workspace container…\x1b[0m\r\n"
+        started = "\x1b[2m[3compute] workspace container started; attaching the terminal…\x1b[0m\r\n"
+        assert term.output.startswith(starting + started), term.seen()
+    finally:
+        await term.close()
 
 
 @pytest.mark.gen_test(timeout=30)

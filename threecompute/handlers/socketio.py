@@ -155,7 +155,7 @@ class SocketIOTerminal:
                 return
             self.terminal = await self.services.hub.open(
                 user, self.tab_id, rows=24, cols=80,
-                send=self.send_output, on_exit=self.on_terminal_exit)
+                send=self.send_output, on_exit=self.on_terminal_exit, progress=self.send_progress)
         except BackendError as exc:
             await self.refuse(str(exc))
             return
@@ -206,6 +206,11 @@ class SocketIOTerminal:
     def send_output(self, text: str) -> asyncio.Task:
         """The session's sink: the task ends when the frame has left the server (see above)."""
         return self.transport.spawn(self._deliver("pty-output", {"output": text}))
+
+    def send_progress(self, message: str) -> None:
+        """A dim status line in the terminal itself: the existing frontend shows it as it is."""
+        line = f"\x1b[2m[3compute] {message}\x1b[0m\r\n"
+        self.transport.spawn(self._deliver("pty-output", {"output": line}, wait=False))
 
     def send_error(self, message: str) -> None:
         self.transport.spawn(self._deliver("error", {"message": message}, wait=False))

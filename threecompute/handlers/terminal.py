@@ -35,6 +35,10 @@ def output_frame(text: str) -> str:
     return json.dumps({"type": "pty-output", "data": {"output": text}}, ensure_ascii=False)
 
 
+def progress_frame(message: str) -> str:
+    return json.dumps({"type": "progress", "data": {"message": message}}, ensure_ascii=False)
+
+
 def error_frame(message: str) -> str:
     return json.dumps({"type": "error", "data": {"message": message}})
 
@@ -91,7 +95,8 @@ class TerminalSocket(ClosingWebSocketHandler):
     async def attach(self) -> None:
         try:
             self.terminal = await self.services.hub.open(
-                self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit)
+                self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit,
+                progress=self.send_progress)
         except BackendError as exc:
             self.send_error_frame(str(exc))
             self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
@@ -135,6 +140,10 @@ class TerminalSocket(ClosingWebSocketHandler):
             return self.write_message(output_frame(text))
         except tornado.websocket.WebSocketClosedError:
             return None
+
+    def send_progress(self, message: str) -> None:
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            self.write_message(progress_frame(message))
 
     def send_error_frame(self, message: str) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 DETACH_TIMEOUT = 10.0
 REDRAW_SETTLE_SECONDS = 0.05  # for the first resize to reach the tmux client before asking again
 REDRAW_TIMEOUT = 10.0
+# An ensure slower than this is creating or starting the user's container: the client is told.
+PROGRESS_AFTER_SECONDS = 0.2
+STARTING_MESSAGE = "starting your workspace container…"
+STARTED_MESSAGE = "workspace container started; attaching the terminal…"
 # Server settings must not leak into users' shells (the local backend runs tmux with this
 # environment; `docker exec -e NAME` without a value would copy it into the container).
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
@@ -192,19 +196,26 @@ class TerminalHub:
         self._closed_totals = dict.fromkeys(STAT_TOTALS, 0)
 
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
-                   on_exit: Callable[[], None]) -> Terminal:
+                   on_exit: Callable[[], None], progress: Callable[[str], None] | None = None) -> Terminal:
         """Attach a new client to the user's tab. Raises BackendError (nothing is registered then).
 
         `send(text)` receives output; `on_exit()` is called once if the program inside ends
-        by itself (the hub then closes the terminal; closing it again is harmless).
+        by itself (the hub then closes the terminal; closing it again is harmless);
+        `progress(message)` hears while the user's container is being started.
         """
         self._refuse_if_shutting_down()
         started = time.monotonic()
+        tell = progress or (lambda message: None)
+        notice = asyncio.get_running_loop().call_later(PROGRESS_AFTER_SECONDS, tell, STARTING_MESSAGE)
         try:
             box = await self.backend.ensure(user)
         except Exception:
             self._counters["ensure_errors_total"] += 1
             raise
+        finally:
+            notice.cancel()
+        if box.cold:
+            tell(STARTED_MESSAGE)
         if box.cold:
             self.metrics_out.container_start_seconds.observe(time.monotonic() - started)
         self._refuse_if_shutting_down()
