@@ -32,6 +32,7 @@ from bench.common import (
     ServerProcess,
     TermClient,
     TerminadoProcess,
+    TerminalClosed,
     TtydProcess,
     attach_spec,
     children_memory,
@@ -186,6 +187,8 @@ async def interleaved_echoes(terms: dict[str, TermClient], count: int) -> tuple[
         for kind, term in terms.items():
             try:
                 samples[kind].append(await echo_once(term, LETTERS[i % len(LETTERS)]))
+            except TerminalClosed as exc:
+                raise TerminalClosed(f"{kind}'s measured terminal: {exc}") from exc
             except TimeoutError:
                 lost[kind] += 1
                 await clear_line(term)
