@@ -169,7 +169,10 @@ async def make_rig(server: ServerProcess, terminado: TerminadoProcess, max_level
 
 
 async def clear_line(term: TermClient) -> None:
-    await term.send("\x15")  # Ctrl-U: the shell empties its line
+    try:
+        await term.send("\x15")  # Ctrl-U: the shell empties its line
+    except TerminalClosed as exc:
+        raise TerminalClosed(f"{term.kind}'s measured terminal: {exc}") from exc
     await term.settle(0.05, 2.0)
 
 
@@ -271,11 +274,20 @@ async def run_levels(server: ServerProcess, levels: list[int], keystrokes: int, 
     with running_terminado(server.root) as terminado, contextlib.ExitStack() as stack:
         rig = await make_rig(server, terminado, max(levels), stack)
         try:
-            results = [await measure_level(rig, lv, keystrokes, seq_reps) for lv in sorted(levels)]
+            results, failed = [], None
+            for lv in sorted(levels):
+                try:
+                    results.append(await measure_level(rig, lv, keystrokes, seq_reps))
+                except Exception as exc:  # the levels measured so far are kept
+                    if not results:
+                        raise
+                    failed = {"level": lv, "error": f"{type(exc).__name__}: {exc}"}
+                    log(f"level {lv} failed: {failed['error']}; keeping the levels before it")
+                    break
         finally:
             rig.close_all()
             await asyncio.sleep(1.0)  # the servers hang up and detach what was open
-    return {"levels": results, "settings": {"keystrokes": keystrokes, "seq_reps": seq_reps,
+    return {"levels": results, "failed_level": failed, "settings": {"keystrokes": keystrokes, "seq_reps": seq_reps,
                                             "seq_command": SEQ_COMMAND, "per_user": PER_USER}}
 
 

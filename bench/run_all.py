@@ -154,6 +154,9 @@ def markdown_echo(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {lv['level']} | {r.get('echo_p50_vs_ttyd')} | {r['echo_p50_vs_terminado']} | "
                      f"{r['echo_p50_vs_raw']} | {r.get('echo_p99_vs_raw')} | {r.get('ttyd_p50_vs_raw')} | "
                      f"{r.get('seq_vs_ttyd')} | {r['seq_vs_terminado']} | {r['seq_vs_raw']} |")
+    if data["echo"].get("failed_level"):
+        f = data["echo"]["failed_level"]
+        lines += ["", f"Level {f['level']} **failed**: {f['error']}"]
     return lines
 
 
