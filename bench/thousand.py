@@ -26,6 +26,7 @@ import psutil
 
 from bench.common import (
     OurTerminal,
+    TerminalClosed,
     children_memory,
     container_of,
     dev_login,
@@ -80,11 +81,11 @@ def snapshot(server: Any, emails: list[str]) -> dict[str, Any]:
 
 async def answers(term: OurTerminal, tag: str) -> bool:
     future = term.expect(lambda out: f"OK{tag}END" in visible(out[-4096:]))
-    await term.send(f"echo OK{tag}''END\r")
     try:
+        await term.send(f"echo OK{tag}''END\r")
         await asyncio.wait_for(future, TIMEOUT)
         return True
-    except TimeoutError:
+    except (TimeoutError, TerminalClosed):
         return False
 
 
@@ -113,11 +114,10 @@ async def run(server: Any, users: int, tabs: int) -> dict[str, Any]:
     opened_in = time.perf_counter() - started
     log(f"{len(terms)} terminals open in {opened_in:.1f} s ({len(failures)} failed)")
     await asyncio.sleep(3.0)
+    after = snapshot(server, emails)  # all open and drawn, before the check types into them
     ok = 0
     for i in range(0, len(terms), 50):
         ok += sum(await asyncio.gather(*(answers(t, str(i + j)) for j, t in enumerate(terms[i:i + 50]))))
-    await asyncio.sleep(1.0)
-    after = snapshot(server, emails)
     for term in terms:
         with contextlib.suppress(Exception):
             term.close()
