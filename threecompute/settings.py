@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ratelimit import Rate
+
 GOOGLE_AUTHORIZE_URL = "https://accounts.google.com/o/oauth2/v2/auth"
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 GOOGLE_USERINFO_URL = "https://openidconnect.googleapis.com/v1/userinfo"
@@ -53,6 +55,13 @@ class Settings:
     oauth_userinfo_url: str = GOOGLE_USERINFO_URL
     deploy_command: str = "/opt/deploy.sh"
     session_days: float = 7.0
+    # Limits per user (terminals, file API, tab saves) and per client IP (sign-in); None: off.
+    max_terminals_per_user: int = 20
+    max_terminals: int = 1000
+    terminal_open_rate: Rate | None = Rate(2, 30)
+    file_rate: Rate | None = Rate(20, 100)
+    tabs_rate: Rate | None = Rate(5, 30)
+    signin_rate: Rate | None = Rate(10, 300)
 
     @property
     def workspaces_dir(self) -> Path:
@@ -124,6 +133,23 @@ def _memory(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _rate(env: Mapping[str, str], name: str, default: Rate) -> Rate | None:
+    """`RATE/BURST` (events a second, events at once), or `off`."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw == "off":
+        return None
+    rate, _, burst = raw.partition("/")
+    try:
+        parsed = Rate(float(rate), int(burst))
+    except ValueError:
+        raise ConfigError(f"{name} must be RATE/BURST such as 20/100, or off; got {raw!r}") from None
+    if not parsed.per_second > 0 or parsed.burst < 1:  # also refuses NaN
+        raise ConfigError(f"{name} needs a rate above 0 and a burst of at least 1, got {raw!r}")
+    return parsed
+
+
 def _port(raw: str, name: str) -> int:
     try:
         port = int(raw)
@@ -189,4 +215,10 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         oauth_userinfo_url=env.get("OAUTH_USERINFO_URL", "").strip() or GOOGLE_USERINFO_URL,
         deploy_command=env.get("DEPLOY_COMMAND", "").strip() or "/opt/deploy.sh",
         session_days=_float(env, "SESSION_DAYS", 7.0, minimum=0.001),
+        max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 20, minimum=1),
+        max_terminals=_int(env, "MAX_TERMINALS", 1000, minimum=1),
+        terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(2, 30)),
+        file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(20, 100)),
+        tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(5, 30)),
+        signin_rate=_rate(env, "SIGNIN_RATE_LIMIT", Rate(10, 300)),
     )

@@ -10,13 +10,16 @@ final name relative to that descriptor, never following a link it has not checke
 swapped in half-way through a request can therefore not redirect it outside.
 
 Nothing here knows HTTP: failures are `WorkspaceError(status, message)` with a status of 400,
-404 or 409, which the handlers turn into JSON errors. Calls are synchronous and thread-safe;
+404, 409, or 507 when the disk (or the quota) is full, which the handlers turn into JSON
+errors. A write that fails for lack of space leaves nothing behind: its temporary file is
+removed, and the file it would have replaced is untouched. Calls are synchronous and thread-safe;
 the handlers run them in an executor.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import mimetypes
 import os
@@ -45,6 +48,7 @@ IMAGE_TYPES = frozenset({
 })
 _TEMP_NAME = re.compile(r"^\.3compute-[0-9a-f]{16}\.tmp$")
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+DISK_FULL = "no space left on the server's disk"
 _ERRNO_ANSWERS = {
     errno.ENOENT: (404, "no such file or folder"),
     errno.ENOTDIR: (404, "no such file or folder"),
@@ -56,13 +60,15 @@ _ERRNO_ANSWERS = {
     errno.EINVAL: (400, "invalid path"),
     errno.EACCES: (400, "permission denied"),
     errno.EPERM: (400, "permission denied"),
+    errno.ENOSPC: (507, DISK_FULL),
+    errno.EDQUOT: (507, DISK_FULL),
 }
 
 Owner = tuple[int, int]
 
 
 class WorkspaceError(Exception):
-    """A request the workspace refuses; `status` is 400, 404 or 409."""
+    """A request the workspace refuses; `status` is 400, 404, 409 or 507."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -198,8 +204,19 @@ class AtomicWriter:
             self.abort()
             raise
 
+    @_os_errors()
     def write(self, data: bytes) -> None:
         self._file.write(data)
+
+    @_os_errors()
+    def sync(self) -> None:
+        """Everything written so far on disk (where a full disk shows at the latest); aborts on failure."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.abort()
+            raise
 
     @_os_errors()
     def commit(self) -> None:
@@ -222,7 +239,10 @@ class AtomicWriter:
         if self._done:
             return
         self._done = True
-        self._file.close()
+        # Closing flushes what is buffered, which fails again on a full disk; the temporary
+        # file goes regardless.
+        with contextlib.suppress(OSError):
+            self._file.close()
         try:
             os.unlink(self._temp, dir_fd=self._folder)
         except FileNotFoundError:
@@ -547,6 +567,7 @@ class Workspaces:
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}
 
+    @_os_errors()
     def for_user(self, user_id: str) -> Workspace:
         with self._lock:
             workspace = self._workspaces.get(user_id)

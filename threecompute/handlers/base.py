@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -18,7 +19,7 @@ from tornado.ioloop import IOLoop
 from ..containers.backend import BackendError
 from ..identity import COOKIE_NAME, Identity
 from ..services import Services
-from ..store import StoreError, User
+from ..store import StoreError, StoreFull, User
 from ..workspace import WorkspaceError
 
 log = logging.getLogger("threecompute.http")
@@ -33,6 +34,14 @@ class HTTPError(tornado.web.HTTPError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(status, reason=None, log_message=message)
         self.message = message
+
+
+class RateLimited(HTTPError):
+    """429 with a Retry-After of `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(429, "too many requests; slow down")
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 def origin_allowed(origin: str, frontend_origin: str, request_host: str) -> bool:
@@ -75,6 +84,12 @@ class BaseHandler(tornado.web.RequestHandler):
             and not origin_allowed(origin, self.services.settings.frontend_origin, self.request.host)
         ):
             raise HTTPError(403, "cross-origin request refused")
+
+    def limit(self, kind: str, key: str) -> None:
+        """Take a token from the `kind` bucket of `key` (a user id, an IP), else answer 429."""
+        wait = self.services.limits[kind].take(key)
+        if wait > 0:
+            raise RateLimited(wait)
 
     def options(self, *args: Any) -> None:
         """CORS preflight: only the frontend origin gets an answer that allows anything."""
@@ -125,6 +140,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.clear_header("Content-Disposition")
         self.set_header("Content-Type", "application/json; charset=utf-8")
+        exc = (kwargs.get("exc_info") or (None, None))[1]
+        if isinstance(exc, RateLimited):
+            self.set_header("Retry-After", str(exc.retry_after))
         self.finish(json.dumps({"error": error_message(status_code, kwargs.get("exc_info"))}))
 
     def log_exception(self, typ, value, tb) -> None:  # noqa: ANN001 - tornado's signature
@@ -138,6 +156,9 @@ class BaseHandler(tornado.web.RequestHandler):
             e = HTTPError(e.status, e.message)
         elif isinstance(e, BackendError):
             e = HTTPError(503, str(e))
+        elif isinstance(e, StoreFull):
+            log.error("store failure: %s", e)
+            e = HTTPError(507, "no space left on the server's disk")
         elif isinstance(e, StoreError):
             log.error("store failure: %s", e)
             e = HTTPError(503, "the server's database is unavailable")

@@ -30,7 +30,8 @@ READ_CHUNK_BYTES = 256 * 1024
 class WorkspaceHandler(BaseHandler):
     def prepare(self) -> None:
         super().prepare()
-        self.require_identity()  # before any body is parsed: no session is 401, whatever else is wrong
+        # Before any body is parsed: no session is 401, too many requests 429, whatever else is wrong.
+        self.limit("files", self.require_identity().user_id)
 
     async def workspace(self) -> Workspace:
         identity = self.require_identity()
