@@ -109,6 +109,11 @@ def _split_path(rel: str) -> list[str]:
     """The components of a workspace-relative path; a leading `/` means the root."""
     if "\x00" in rel or "\\" in rel:
         raise WorkspaceError(400, "path contains a NUL byte or a backslash")
+    if not rel.isascii():
+        try:  # a JSON body can carry lone surrogates, which no file name can hold
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WorkspaceError(400, "path is not valid Unicode") from None
     parts = [part for part in rel.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise WorkspaceError(400, "path contains '..'")

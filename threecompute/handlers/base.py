@@ -122,13 +122,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def json_body(self) -> dict:
         if len(self.request.body) > MAX_JSON_BYTES:
             raise HTTPError(413, f"body larger than {MAX_JSON_BYTES} bytes")
-        try:
-            body = json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "body must be a JSON object")
-        return body
+        return json_object(self.request.body)
 
     def answer(self, payload: dict | list, status: int = 200) -> None:
         self.set_status(status)
@@ -152,6 +146,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def _handle_request_exception(self, e: BaseException) -> None:
         # Map service errors onto statuses here, once, instead of in every handler.
+        original = e
         if isinstance(e, WorkspaceError):
             e = HTTPError(e.status, e.message)
         elif isinstance(e, BackendError):
@@ -162,7 +157,24 @@ class BaseHandler(tornado.web.RequestHandler):
         elif isinstance(e, StoreError):
             log.error("store failure: %s", e)
             e = HTTPError(503, "the server's database is unavailable")
-        super()._handle_request_exception(e)
+        if e is original:
+            super()._handle_request_exception(e)
+            return
+        try:  # tornado answers from sys.exc_info(): make it the mapped error
+            raise e from original
+        except HTTPError:
+            super()._handle_request_exception(e)
+
+
+def json_object(body: bytes) -> dict:
+    """A request body that must be one JSON object; HTTPError(400) for anything else."""
+    try:
+        parsed = json.loads(body or b"null")
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested deeper than Python's stack
+        raise HTTPError(400, "body is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise HTTPError(400, "body must be a JSON object")
+    return parsed
 
 
 def error_message(status_code: int, exc_info: Any) -> str:

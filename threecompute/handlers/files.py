@@ -136,6 +136,7 @@ class FileHandler(WorkspaceHandler):
     """GET, PUT (streamed, atomic), POST (create) and DELETE on one workspace path."""
 
     writer: AtomicWriter | None = None
+    failure: WorkspaceError | None = None
 
     async def prepare(self) -> None:
         super().prepare()
@@ -151,8 +152,13 @@ class FileHandler(WorkspaceHandler):
         return path
 
     async def data_received(self, chunk: bytes) -> None:
-        if self.writer is not None:
+        if self.writer is None:
+            return  # after a failure: read and drop the rest, so the client gets the error
+        try:
             await self.in_executor(self.writer.write, chunk)
+        except WorkspaceError as exc:  # a full disk: the temporary file goes at once
+            self.failure = exc
+            self._abort_writer()
 
     async def get(self, path: str) -> None:
         info, file, chunk = await self.on_workspace(open_with_first_chunk, self.path_argument())
@@ -171,6 +177,8 @@ class FileHandler(WorkspaceHandler):
         self.finish()
 
     async def put(self, path: str) -> None:
+        if self.failure is not None:
+            raise self.failure
         await self.in_executor(self.writer.commit)
         self.writer = None
         self.answer({"success": True})
