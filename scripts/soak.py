@@ -10,8 +10,8 @@ the server's default limits on. Users come and go: each of `--users` slots signs
 of three identities, keeps `--tabs` terminals busy like the load test (typing, pasting,
 large `seq` output; scripts/loadtest.py's TabWorker), polls `/list-files` every 300 ms,
 writes files and uploads now and then, leaves after a while and comes back. A terminal
-that is cut is reopened a second later, as the frontend does. A bystander user types one
-key every 200 ms in a tab of its own, each timed until its echo.
+that is cut is reopened a second later, as the frontend does. A bystander user types a
+key every 100 ms in a tab of its own, each timed until its echo.
 
 Faults on a schedule (`--faults`, each kind once in a short run, the cheap ones repeated in
 a long one): `exec` kill -9 of random `docker exec` children of the server, `container`
@@ -91,6 +91,7 @@ HTTP_TIMEOUT = 15.0
 DOCKERD_DOWN_SECONDS = 20.0
 SETTLE_AFTER_FAULT = 10.0  # seconds after a fault's end still counted inside its window
 IDENTITIES_PER_SLOT = 3
+BYSTANDER_EVERY = 0.1  # seconds between the bystander's keystrokes
 
 
 # -- what is recorded ----------------------------------------------------------------------
@@ -309,7 +310,7 @@ class Soak:
                 conn.close()
 
     async def bystander(self) -> None:
-        """One key every 200 ms in a tab of its own, each timed until its echo."""
+        """A key every BYSTANDER_EVERY seconds in a tab of its own, each timed until its echo."""
         rng = random.Random("bystander")
         cookie = await self.sign_in("bystander@example.com", self.stop)
         while cookie is not None and not self.stop.is_set():
@@ -329,7 +330,7 @@ class Soak:
                     if typed % 40 == 0:
                         await term.send("\x15")  # clear the line
                         await term.settle(0.2, 2.0)
-                    await self.pause(self.stop, 0.2)
+                    await self.pause(self.stop, BYSTANDER_EVERY)
             except (TerminalClosed, TimeoutError, OSError, Exception):
                 self.rec.error("bystander_reconnect")
             finally:

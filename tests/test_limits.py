@@ -13,12 +13,15 @@ import psutil
 import pytest
 from tornado.httpclient import HTTPResponse
 
+from threecompute.containers.backend import BackendError
+from threecompute.pty import TerminalHub, TerminalLimit, TerminalLimits
 from threecompute.ratelimit import Rate, RateLimiter
 from threecompute.settings import ConfigError, load_settings
 
 from . import conftest
 from .conftest import Client, body_json
 from .terminal_client import TerminalClient
+from .test_hub import FakeBackend, Output, user
 from .test_socketio import Term, login, refused_with, run, tmux_servers, until  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
@@ -240,3 +243,43 @@ def test_rate_settings_are_validated(value, tmp_path):
         load_settings(["--dev"], {"FILE_RATE_LIMIT": value}, dotenv=tmp_path / "none")
     assert load_settings(["--dev"], {"FILE_RATE_LIMIT": "off"}, dotenv=tmp_path / "none").file_rate is None
     assert load_settings(["--dev"], {"FILE_RATE_LIMIT": "7/70"}, dotenv=tmp_path / "none").file_rate == Rate(7, 70)
+
+
+# -- the hub alone: opens in flight count, and a refusal calls nothing -----------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_flood_of_opens_at_once_gets_exactly_the_limit(tmp_path):
+    backend = FakeBackend()
+    hub = TerminalHub(backend, TerminalLimits(max_per_user=5, max_total=8))
+    ann, bob = user(tmp_path, "ann"), user(tmp_path, "bob")
+    outputs = [Output() for _ in range(60)]
+    # 60 opens at once, all waiting on `ensure` together: only the first 5 get a slot.
+    results = await asyncio.gather(*(hub.open(ann, "1", 24, 80, o.send, o.on_exit) for o in outputs),
+                                   return_exceptions=True)
+    opened = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, TerminalLimit)]
+    assert (len(opened), len(refused)) == (5, 55), results
+    assert len(backend.events("ensure")) == 5  # refused before anything was asked of the backend
+    bobs = [await hub.open(bob, "1", 24, 80, Output().send, lambda: None) for _ in range(3)]
+    with pytest.raises(TerminalLimit, match="server"):
+        await hub.open(bob, "1", 24, 80, Output().send, lambda: None)
+    assert hub.metrics()["terminals_refused_total"] == 56
+    await hub.close(opened[0])
+    again = await hub.open(bob, "2", 24, 80, Output().send, lambda: None)  # freed on close
+    await hub.close_all()
+    assert hub.metrics()["terminal_slots"] == 0 and again.closed and all(b.closed for b in bobs)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_failed_open_gives_its_slot_back(tmp_path):
+    backend = FakeBackend()
+    hub = TerminalHub(backend, TerminalLimits(max_per_user=1, max_total=1))
+    backend.ensure_error = BackendError("engine down")
+    for _ in range(3):
+        with pytest.raises(BackendError, match="engine down"):
+            await hub.open(user(tmp_path, "ann"), "1", 24, 80, Output().send, lambda: None)
+    backend.ensure_error = None
+    terminal = await hub.open(user(tmp_path, "ann"), "1", 24, 80, Output().send, lambda: None)
+    await hub.close(terminal)
+    assert hub.metrics()["terminal_slots"] == 0

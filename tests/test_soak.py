@@ -35,7 +35,9 @@ def test_a_short_soak_with_every_fault_loses_and_leaks_nothing(tmp_path):
                             timeout=380)
     assert out.exists(), result.stderr[-3000:]
     report = json.loads(out.read_text())
-    summary = {k: report[k] for k in ("checks", "leaks", "memory", "faults", "errors_outside_faults")}
+    summary = {k: report[k] for k in ("checks", "leaks", "memory", "faults", "errors_outside_faults",
+                                      "bystander_echo_ms")}
+    summary["slowest_echoes"] = sorted(report["bystander_samples"], key=lambda s: -s[1])[:12]
     assert result.returncode == 0 and report["passed"], (summary, result.stderr[-2000:])
     assert sorted(f["kind"] for f in report["faults"]) == sorted(FAULTS.split(","))
     assert report["files"]["acknowledged"] > 20 and report["files"]["lost"] == []
