@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 MAX_KEYS = 100_000
+REPORT_EVERY = 10.0  # seconds: how often refusals of one key are worth a log line
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class RateLimiter:
         self.rate = rate  # None: unlimited
         self._max_keys = max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
+        self._reported: OrderedDict[str, float] = OrderedDict()  # key -> when a refusal was last logged
+        self.refused = 0
 
     def take(self, key: str, now: float | None = None) -> float:
         """Take one token for `key`: 0.0 if there was one, else the seconds until there is."""
@@ -49,4 +52,17 @@ class RateLimiter:
         self._buckets[key] = (tokens, now)
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
+        if wait:
+            self.refused += 1
         return wait
+
+    def worth_reporting(self, key: str, now: float | None = None) -> bool:
+        """Whether a refusal of `key` should be logged: once per REPORT_EVERY seconds at most,
+        so that a client in a tight loop cannot flood the log."""
+        now = time.monotonic() if now is None else now
+        last = self._reported.pop(key, None)
+        due = last is None or now - last >= REPORT_EVERY
+        self._reported[key] = now if due else last
+        if len(self._reported) > self._max_keys:
+            self._reported.popitem(last=False)
+        return due

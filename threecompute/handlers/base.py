@@ -87,8 +87,12 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def limit(self, kind: str, key: str) -> None:
         """Take a token from the `kind` bucket of `key` (a user id, an IP), else answer 429."""
-        wait = self.services.limits[kind].take(key)
+        limiter = self.services.limits[kind]
+        wait = limiter.take(key)
         if wait > 0:
+            if limiter.worth_reporting(key):
+                log.warning("rate limit %s (%s) reached by %s: %s %s answered 429",
+                            kind, limiter.rate, key, self.request.method, self.request.path)
             raise RateLimited(wait)
 
     def options(self, *args: Any) -> None:

@@ -147,14 +147,11 @@ class TerminalHub:
         """
         self._refuse_if_shutting_down()
         self._take_slot(user.user_id)
-        registered = False
         try:
-            terminal = await self._open(user, tab_id, rows, cols, send, on_exit)
-            registered = True
-            return terminal
-        finally:
-            if not registered:
-                self._release_slot(user.user_id)
+            return await self._open(user, tab_id, rows, cols, send, on_exit)
+        except BaseException:  # registered terminals give their slot back when they close
+            self._release_slot(user.user_id)
+            raise
 
     async def _open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
                     on_exit: Callable[[], None]) -> Terminal:
