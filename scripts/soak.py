@@ -6,8 +6,8 @@
 
 It starts its own server (`--spawn docker`, the default, or `local`) on loopback with its
 DATA_DIR on a tmpfs of `--disk-mb` made for the run (root needed; never the real disk) and
-the server's default limits on. Users come and go: each of `--users` slots signs in as one
-of three identities, keeps `--tabs` terminals busy like the load test (typing, pasting,
+the server's default limits on. Users come and go: each of `--users` slots signs in (as one
+of `--identities` accounts in turn), keeps `--tabs` terminals busy like the load test (typing, pasting,
 large `seq` output; scripts/loadtest.py's TabWorker), polls `/list-files` every 300 ms,
 writes files and uploads now and then, leaves after a while and comes back. A terminal
 that is cut is reopened a second later, as the frontend does. A bystander user types a
@@ -25,8 +25,8 @@ content (a write whose answer was lost may or may not have landed; a refused one
 have changed anything), no temporary file is left, no PTY child, descriptor or container is
 leaked (counted after a warm-up and at the end, when every user has gone), the server's
 memory is within 10 % of the warm-up figure, and the bystander's echo p99 outside the
-fault windows is under 50 ms (`--echo-limit-ms`). Report: results/soak.json and a PNG with the fault windows
-marked. Exit status 0 only if every check passed.
+fault windows is under 50 ms (`--echo-limit-ms`). Report: results/soak.json and a PNG with
+the fault windows marked. Exit status 0 only if every check passed.
 
 Bounded: at most 200 users, 4 tabs each, two hours; loopback only.
 """
@@ -90,7 +90,6 @@ MEMORY_TOLERANCE = 0.10
 HTTP_TIMEOUT = 15.0
 DOCKERD_DOWN_SECONDS = 20.0
 SETTLE_AFTER_FAULT = 10.0  # seconds after a fault's end still counted inside its window
-IDENTITIES_PER_SLOT = 3
 BYSTANDER_EVERY = 0.1  # seconds between the bystander's keystrokes
 
 
@@ -150,13 +149,13 @@ class Ledger:
 
 
 @contextlib.contextmanager
-def soak_server(backend: str, users: int, disk_mb: int) -> Iterator[ServerProcess]:
+def soak_server(backend: str, users: int, disk_mb: int) -> Iterator[ServerProcess]:  # users: every identity
     """bench.common's ServerProcess (limits on), with DATA_DIR on a tmpfs made here; all undone after."""
     if os.geteuid() != 0:
         raise SystemExit("soak: needs root, to put DATA_DIR on a tmpfs of its own")
     root = Path(tempfile.mkdtemp(prefix="3compute-soak-"))
     server = ServerProcess(backend=backend, root=root, port=free_port(),
-                           port_base=free_port_block(max(300, users * 10 * IDENTITIES_PER_SLOT + 100)),
+                           port_base=free_port_block(max(300, users * 10 + 100)),
                            limits_off=False)
     server.data_dir.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={disk_mb}m", "tmpfs", str(server.data_dir)], check=True)
@@ -244,7 +243,7 @@ class Soak:
             return
         generation = 0
         while not self.stop.is_set():
-            email = f"soak{slot}-{generation % IDENTITIES_PER_SLOT}@example.com"
+            email = f"soak{slot}-{generation % self.args.identities}@example.com"
             generation += 1
             session = asyncio.Event()
             cookie = await self.sign_in(email, self.stop)
@@ -304,6 +303,9 @@ class Soak:
                     self.ledger.outcome(email, name, content, await call("POST", "/upload", body, kind))
                 if tick % 30 == 0:
                     await call("GET", f"/file/soak-{tick // 10 % 4}.txt")
+                if tick % 100 == 0:  # the frontend saves its tab list when tabs change
+                    tabs = json.dumps({"tabs": ["S1", "S2"], "active_tab": f"S{tick // 100 % 2 + 1}"}).encode()
+                    await call("POST", "/tabs", tabs, "application/json")
                 await self.pause(stop, 0.3)
         finally:
             if conn is not None:
@@ -660,7 +662,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tabs", type=int, default=2)
     p.add_argument("--duration", type=float, default=900.0, help="seconds of soak, after the warm-up")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of a few users before the baseline")
-    p.add_argument("--ramp", type=float, default=30.0, help="seconds over which the users arrive")
+    p.add_argument("--ramp", type=float, default=120.0, help="seconds over which the users arrive")
+    p.add_argument("--identities", type=int, default=1,
+                   help="accounts each user slot signs in as, in turn (more: more containers made)")
     p.add_argument("--session-seconds", type=float, nargs=2, default=(60.0, 240.0), metavar=("MIN", "MAX"),
                    help="how long a user stays before leaving (and coming back)")
     p.add_argument("--faults", type=lambda s: tuple(k for k in s.split(",") if k), default=DEFAULT_FAULTS,
@@ -680,8 +684,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.faults) - set(FAULT_KINDS)
     if unknown:
         p.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
-    if not 1 <= args.users <= MAX_USERS or not 1 <= args.tabs <= MAX_TABS:
-        p.error(f"--users must be 1..{MAX_USERS} and --tabs 1..{MAX_TABS}")
+    if not 1 <= args.users <= MAX_USERS or not 1 <= args.tabs <= MAX_TABS or not 1 <= args.identities <= 5:
+        p.error(f"--users must be 1..{MAX_USERS}, --tabs 1..{MAX_TABS}, --identities 1..5")
     if not 10 <= args.duration <= MAX_DURATION or not 0 < args.warmup <= 300 or not 0 <= args.ramp <= 600:
         p.error(f"--duration must be 10..{MAX_DURATION} s, --warmup in (0, 300], --ramp in [0, 600]")
     if not 16 <= args.disk_mb <= 4096 or not 1 <= args.disk_hold <= 300:
@@ -694,7 +698,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sigterm_as_interrupt()
-    with soak_server(args.spawn, args.users, args.disk_mb) as server:
+    with soak_server(args.spawn, args.users * args.identities + 10, args.disk_mb) as server:
         report = asyncio.run(drive(args, server))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     chart = args.out.with_suffix(".png")

@@ -288,3 +288,41 @@ async def test_a_failed_open_gives_its_slot_back(tmp_path):
     terminal = await hub.open(user(tmp_path, "ann"), "1", 24, 80, Output().send, lambda: None)
     await hub.close(terminal)
     assert hub.metrics()["terminal_slots"] == 0
+
+
+class SlowBackend(FakeBackend):
+    """`ensure` takes until `ready` is set, like an engine making containers under load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready = asyncio.Event()
+        self.made = 0
+
+    async def ensure(self, user):  # noqa: ANN001, ANN201 - the backend's signature
+        self.calls.append(("ensure", user.user_id))
+        await self.ready.wait()
+        self.made += 1
+        return await super().ensure(user)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_leaves_while_waiting_frees_its_slot_at_once(tmp_path):
+    backend = SlowBackend()
+    hub = TerminalHub(backend, TerminalLimits(max_per_user=2, max_total=10))
+    ann = user(tmp_path, "ann")
+    waiting = [asyncio.ensure_future(hub.open(ann, "1", 24, 80, Output().send, lambda: None)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(TerminalLimit):
+        await hub.open(ann, "1", 24, 80, Output().send, lambda: None)
+    for task in waiting:  # both clients give up (their sockets close)
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert hub.metrics()["terminal_slots"] == 0
+    retry = asyncio.ensure_future(hub.open(ann, "1", 24, 80, Output().send, lambda: None))  # room again
+    backend.ready.set()
+    terminal = await retry
+    await asyncio.sleep(0.05)
+    assert backend.made == 3  # the abandoned ensures still ran to the end (the container is made whole)
+    assert hub.metrics()["ensure_errors_total"] == 0
+    await hub.close(terminal)
+    assert hub.metrics()["terminal_slots"] == 0

@@ -100,6 +100,8 @@ class TerminalSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.services.open_sockets.discard(self)
+        if self.attaching is not None and self.terminal is None:
+            self.attaching.cancel()  # still waiting for the container: stop waiting, free the slot
         asyncio.ensure_future(self.release())
 
     async def release(self) -> None:

@@ -140,6 +140,7 @@ class TerminalHub:
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
                    on_exit: Callable[[], None]) -> Terminal:
         """Attach a new client to the user's tab. Raises BackendError (nothing is registered then).
+        Cancel it when the client goes away first: its slot is freed at once.
 
         `send(text)` receives output; `on_exit()` is called once if the program inside ends
         by itself (the hub then closes the terminal; closing it again is harmless). Raises
@@ -156,11 +157,12 @@ class TerminalHub:
     async def _open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
                     on_exit: Callable[[], None]) -> Terminal:
         started = time.monotonic()
-        try:
-            box = await self.backend.ensure(user)
-        except Exception:
-            self._counters["ensure_errors_total"] += 1
-            raise
+        # Shielded: a client that leaves while its container is being made cancels its open
+        # (and gives its slot back at once), but the container is still made, whole, for
+        # its next connection, instead of being abandoned half-way.
+        ensuring = asyncio.ensure_future(self.backend.ensure(user))
+        ensuring.add_done_callback(self._count_ensure_error)
+        box = await asyncio.shield(ensuring)
         self._refuse_if_shutting_down()
         client_id = secrets.token_hex(8)
         command = self.backend.attach_command(box, tab_id, client_id)
@@ -229,6 +231,10 @@ class TerminalHub:
     def _refuse_if_shutting_down(self) -> None:
         if self._shutting_down:
             raise BackendError("the server is shutting down")
+
+    def _count_ensure_error(self, ensuring: asyncio.Future) -> None:
+        if not ensuring.cancelled() and ensuring.exception() is not None:  # also marks it retrieved
+            self._counters["ensure_errors_total"] += 1
 
     def _take_slot(self, user_id: str) -> None:
         held = self._slots.get(user_id, 0)
