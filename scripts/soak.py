@@ -167,13 +167,26 @@ def soak_server(backend: str, users: int, disk_mb: int) -> Iterator[ServerProces
     finally:
         server.stop()
         if backend == "docker":
-            removed = remove_deployment(server.deployment)
-            print(f"soak: cleanup removed {removed} container(s)", file=sys.stderr)
+            remove_containers(server.deployment)
         else:
             remove_tmux_sockets(server.deployment)
         if subprocess.run(["umount", str(server.data_dir)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(server.data_dir)], check=False)
         remove_tree(root)
+
+
+def remove_containers(deployment: str, tries: int = 5) -> None:
+    """bench.common's clean-up, again while a busy engine times out (a hundred containers)."""
+    for _ in range(tries):
+        try:
+            removed = remove_deployment(deployment)
+        except subprocess.SubprocessError as exc:
+            print(f"soak: cleanup: {exc}; again", file=sys.stderr)
+            continue
+        print(f"soak: cleanup removed {removed} container(s)", file=sys.stderr)
+        return
+    print(f"soak: cleanup gave up; remove the containers labelled 3compute.deployment={deployment}",
+          file=sys.stderr)
 
 
 _SECRET = os.urandom(24).hex()
@@ -700,11 +713,12 @@ def main(argv: list[str] | None = None) -> int:
     sigterm_as_interrupt()
     with soak_server(args.spawn, args.users * args.identities + 10, args.disk_mb) as server:
         report = asyncio.run(drive(args, server))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    chart = args.out.with_suffix(".png")
-    if write_chart(report, chart):
-        report["chart"] = str(chart)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        # Written before the clean-up, which can take minutes on a busy engine.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        chart = args.out.with_suffix(".png")
+        if write_chart(report, chart):
+            report["chart"] = str(chart)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     by = report["bystander_echo_ms"]["outside_faults"]
     print(f"soak: {'PASSED' if report['passed'] else 'FAILED'} {report['checks']}\n"
           f"  {report['wall_seconds']} s, faults {[f['kind'] for f in report['faults']]}, counts {report['counts']}\n"
