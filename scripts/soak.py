@@ -471,12 +471,19 @@ class Soak:
             return {"skipped": "no dockerd process"}
         for proc in pids:
             proc.send_signal(signal.SIGTERM)
-        gone, alive = await asyncio.to_thread(psutil.wait_procs, pids, 60)
-        await asyncio.sleep(DOCKERD_DOWN_SECONDS)
-        result = await asyncio.to_thread(subprocess.run, [str(ROOT / "scripts" / "docker-engine.sh")],
-                                         capture_output=True, text=True, timeout=180)
+        gone: list[psutil.Process] = []
+        try:
+            gone, _ = await asyncio.to_thread(psutil.wait_procs, pids, 120)
+            await asyncio.sleep(DOCKERD_DOWN_SECONDS)
+        finally:  # whatever happens (even a cancel), the engine is started again
+            code = await asyncio.shield(asyncio.to_thread(start_engine))
         await asyncio.sleep(20.0)
-        return {"stopped": len(gone), "restart_rc": result.returncode, "down_seconds": DOCKERD_DOWN_SECONDS}
+        return {"stopped": len(gone), "restart_rc": code, "down_seconds": DOCKERD_DOWN_SECONDS}
+
+
+def start_engine() -> int:
+    """scripts/docker-engine.sh: starts dockerd the way the project does, if it is not answering."""
+    return subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], capture_output=True, timeout=300).returncode
 
 
 def fill_disk(filler: Path) -> int:
@@ -638,10 +645,14 @@ async def drive(args: argparse.Namespace, server: ServerProcess) -> dict[str, An
 
     soak.t0 = soak.rec.now()
     jobs = [asyncio.ensure_future(soak.user_slot(i)) for i in range(args.users)]
-    jobs += [asyncio.ensure_future(soak.bystander()), asyncio.ensure_future(soak.faults())]
+    jobs.append(asyncio.ensure_future(soak.bystander()))
+    faults = asyncio.ensure_future(soak.faults())
     progress = asyncio.ensure_future(report_progress(soak))
-    await soak.pause(soak.stop, soak.t0 + args.duration - soak.rec.now())
+    await asyncio.sleep(max(0.0, soak.t0 + args.duration - soak.rec.now()))
+    # A fault still under way (the engine coming back, say) finishes, with the users still there.
+    await asyncio.wait([faults], timeout=300)
     soak.stop.set()
+    await asyncio.gather(faults, return_exceptions=True)
     done, pending = await asyncio.wait(jobs, timeout=60)
     for task in pending:
         task.cancel()
@@ -711,6 +722,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sigterm_as_interrupt()
+    try:
+        return run(args)
+    finally:
+        if "dockerd" in args.faults:
+            start_engine()  # never leave the engine stopped, even after a crash or Ctrl-C
+
+
+def run(args: argparse.Namespace) -> int:
     with soak_server(args.spawn, args.users * args.identities + 10, args.disk_mb) as server:
         report = asyncio.run(drive(args, server))
         # Written before the clean-up, which can take minutes on a busy engine.
