@@ -372,6 +372,16 @@ class Soak:
                 self.rec.samples.append(sample)
             await self.pause(self.stop, 1.0)
 
+    def descriptor_kinds(self) -> dict[str, int]:
+        """The server's descriptors by kind (socket, pipe, anon_inode, file): where a leak would show."""
+        kinds: Counter = Counter()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{self.server.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{self.server.pid}/fd/{fd}")
+                    kinds[target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"] += 1
+        return dict(kinds)
+
     async def quiet_point(self, timeout: float = 60.0) -> dict[str, float]:
         """Every terminal of the server closed and its children reaped; then a measurement."""
         deadline = time.monotonic() + timeout
@@ -381,7 +391,7 @@ class Soak:
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(3.0)  # closes in flight finish their detach
-        return self.measure() or {}
+        return {**(self.measure() or {}), "descriptor_kinds": self.descriptor_kinds()}
 
     async def open_terminals(self) -> float:
         try:
