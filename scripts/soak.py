@@ -476,9 +476,9 @@ class Soak:
         return {"exit_code": code, "new_pid": self.server.pid}
 
     async def fault_dockerd(self) -> dict[str, Any]:
-        pids = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
+        pids = default_engine()
         if not pids:
-            return {"skipped": "no dockerd process"}
+            return {"skipped": "no dockerd process for the default socket"}
         for proc in pids:
             proc.send_signal(signal.SIGTERM)
         gone: list[psutil.Process] = []
@@ -489,6 +489,18 @@ class Soak:
             code = await asyncio.shield(asyncio.to_thread(start_engine))
         await asyncio.sleep(20.0)
         return {"stopped": len(gone), "restart_rc": code, "down_seconds": DOCKERD_DOWN_SECONDS}
+
+
+def default_engine() -> list[psutil.Process]:
+    """The dockerd behind the default socket: its pidfile, else a plain `dockerd` (as
+    scripts/docker-engine.sh starts it). Never another engine on the machine (one with its
+    own -H socket or --pidfile is someone else's)."""
+    with contextlib.suppress(OSError, ValueError, psutil.NoSuchProcess):
+        proc = psutil.Process(int(Path("/var/run/docker.pid").read_text().strip()))
+        if proc.name() == "dockerd":
+            return [proc]
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "dockerd" and p.info["cmdline"] == ["dockerd"]]
 
 
 def start_engine() -> int:
