@@ -39,7 +39,8 @@ QUIET_PATHS = {"/list-files", "/healthz", "/metrics"}  # polled: 100 lines a sec
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log, with the successful answers to polled paths at DEBUG."""
     status = handler.get_status()
-    if status < 400 and handler.request.path in QUIET_PATHS:
+    # 429s are logged once per client and interval by the limiter, not once per request.
+    if status < 400 and handler.request.path in QUIET_PATHS or status == 429:
         level = logging.DEBUG
     else:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR

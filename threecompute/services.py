@@ -13,7 +13,8 @@ from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
 from .identity import OAuthClient, TokenCodec
 from .limits import UserLimits
-from .pty.hub import TerminalHub
+from .pty.hub import TerminalHub, TerminalLimits
+from .ratelimit import RateLimiter
 from .settings import Settings
 from .store import Store, User, open_store
 from .workspace import Workspaces
@@ -32,6 +33,7 @@ class Services:
     hub: TerminalHub
     deployer: Deployer
     file_executor: ThreadPoolExecutor
+    rate_limits: dict[str, RateLimiter] = field(default_factory=dict)  # "files", "tabs", "signin"
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
     limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
 
@@ -64,7 +66,10 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
         oauth=OAuthClient(settings),
         workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),
         backend=backend,
-        hub=TerminalHub(backend),
+        hub=TerminalHub(backend, TerminalLimits(settings.max_terminals_per_user, settings.max_terminals,
+                                                settings.terminal_open_rate)),
         deployer=Deployer(settings.deploy_command),
         file_executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="files"),
+        rate_limits={"files": RateLimiter(settings.file_rate), "tabs": RateLimiter(settings.tabs_rate),
+                     "signin": RateLimiter(settings.signin_rate)},
     )

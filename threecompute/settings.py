@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .containers.backend import PORTS_PER_USER
+from .ratelimit import Rate
 
 GOOGLE_AUTHORIZE_URL = "https://accounts.google.com/o/oauth2/v2/auth"
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
@@ -65,6 +66,13 @@ class Settings:
     allowed_hosts: frozenset[str] = LOOPBACK_HOSTS
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     database_url: str = ""  # PostgreSQL, shared by replicas; empty: SQLite in DATA_DIR
+    # Limits per user (terminals, file API, tab saves) and per client IP (sign-in); None: off.
+    max_terminals_per_user: int = 20
+    max_terminals: int = 1000
+    terminal_open_rate: Rate | None = Rate(2, 30)
+    file_rate: Rate | None = Rate(20, 100)
+    tabs_rate: Rate | None = Rate(5, 30)
+    signin_rate: Rate | None = Rate(10, 300)
 
     @property
     def secure_cookies(self) -> bool:
@@ -139,6 +147,23 @@ def _memory(env: Mapping[str, str], name: str, default: str) -> str:
     if not digits.isdigit() or int(digits) <= 0:
         raise ConfigError(f"{name} must be a size such as 512m or 1g, got {raw!r}")
     return raw
+
+
+def _rate(env: Mapping[str, str], name: str, default: Rate) -> Rate | None:
+    """`RATE/BURST` (events a second, events at once), or `off`."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw == "off":
+        return None
+    rate, _, burst = raw.partition("/")
+    try:
+        parsed = Rate(float(rate), int(burst))
+    except ValueError:
+        raise ConfigError(f"{name} must be RATE/BURST such as 20/100, or off; got {raw!r}") from None
+    if not parsed.per_second > 0 or parsed.burst < 1:  # also refuses NaN
+        raise ConfigError(f"{name} needs a rate above 0 and a burst of at least 1, got {raw!r}")
+    return parsed
 
 
 def _port(raw: str, name: str) -> int:
@@ -247,6 +272,12 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         allowed_hosts=_allowed_hosts(env, host, [frontend, redirect]),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         database_url=_database_url(env),
+        max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 20, minimum=1),
+        max_terminals=_int(env, "MAX_TERMINALS", 1000, minimum=1),
+        terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(2, 30)),
+        file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(20, 100)),
+        tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(5, 30)),
+        signin_rate=_rate(env, "SIGNIN_RATE_LIMIT", Rate(10, 300)),
     )
 
 

@@ -101,6 +101,10 @@ class NoPortsLeft(Exception):
     """Every block of ports from PORT_BASE up to 65535 belongs to a user: no new user fits."""
 
 
+class StoreFull(StoreError):
+    """The disk under the database is full: nothing was written; reads still work."""
+
+
 @dataclass(frozen=True)
 class User:
     id: str
@@ -262,6 +266,8 @@ class SqliteStore(Store):
         try:
             return fn(self._connection())
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise StoreFull(f"database error: {exc}") from exc
             raise StoreError(f"database error: {exc}") from exc
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -269,10 +275,13 @@ class SqliteStore(Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) can leave the transaction open, or SQLite may
+                # have rolled it back itself; either way the connection must be usable after.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return result
 
         return self._call(transaction)

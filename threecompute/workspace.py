@@ -10,7 +10,9 @@ final name relative to that descriptor, never following a link it has not checke
 swapped in half-way through a request can therefore not redirect it outside.
 
 Nothing here knows HTTP: failures are `WorkspaceError(status, message)` with a status of 400,
-404 or 409, which the handlers turn into JSON errors. Calls are synchronous and thread-safe;
+404, 409, or 507 when the disk (or the quota) is full, which the handlers turn into JSON
+errors. A write that fails for lack of space leaves nothing behind: its temporary file is
+removed, and the file it would have replaced is untouched. Calls are synchronous and thread-safe;
 the handlers run them in an executor.
 """
 
@@ -51,6 +53,7 @@ IMAGE_TYPES = frozenset({
 # The listing answers at most this many entries (shallowest first); see `Listing`.
 MAX_LISTED_ENTRIES = 10_000
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+DISK_FULL = "no space left on the server's disk"
 _ERRNO_ANSWERS = {
     errno.ENOENT: (404, "no such file or folder"),
     errno.ENOTDIR: (404, "no such file or folder"),
@@ -62,13 +65,15 @@ _ERRNO_ANSWERS = {
     errno.EINVAL: (400, "invalid path"),
     errno.EACCES: (400, "permission denied"),
     errno.EPERM: (400, "permission denied"),
+    errno.ENOSPC: (507, DISK_FULL),
+    errno.EDQUOT: (507, DISK_FULL),
 }
 
 Owner = tuple[int, int]
 
 
 class WorkspaceError(Exception):
-    """A request the workspace refuses; `status` is 400, 404 or 409."""
+    """A request the workspace refuses; `status` is 400, 404, 409 or 507."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -109,6 +114,11 @@ def _split_path(rel: str) -> list[str]:
     """The components of a workspace-relative path; a leading `/` means the root."""
     if "\x00" in rel or "\\" in rel:
         raise WorkspaceError(400, "path contains a NUL byte or a backslash")
+    if not rel.isascii():
+        try:  # a JSON body can carry lone surrogates, which no file name can hold
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WorkspaceError(400, "path is not valid Unicode") from None
     parts = [part for part in rel.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise WorkspaceError(400, "path contains '..'")
@@ -201,6 +211,7 @@ class AtomicWriter:
             self.abort()
             raise
 
+    @_os_errors()
     def write(self, data: bytes) -> None:
         with self._lock:
             if self._file is None:
@@ -220,6 +231,16 @@ class AtomicWriter:
                 os.fsync(file.fileno())
             finally:
                 file.close()
+
+    @_os_errors()
+    def sync(self) -> None:
+        """Everything written on disk and the writing ended (a full disk shows here at the
+        latest); aborts on failure."""
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
     @_os_errors()
     def commit(self) -> None:
@@ -244,7 +265,8 @@ class AtomicWriter:
         self._done = True
         file, self._file = self._file, None
         if file is not None:
-            file.close()
+            with suppress(OSError):  # closing flushes what is buffered, which fails again on a full disk
+                file.close()
         with suppress(FileNotFoundError):
             os.unlink(self._temp)
 
@@ -693,6 +715,7 @@ class Workspaces:
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}
 
+    @_os_errors()
     def for_user(self, user_id: str) -> Workspace:
         with self._lock:
             workspace = self._workspaces.get(user_id)

@@ -35,6 +35,8 @@ class MetricsHandler(BaseHandler):
             "users": users,
             **prefixed("terminal", self.services.hub.metrics()),
             **prefixed("backend", self.services.backend.metrics()),
+            **{f"ratelimit_{kind}_refused_total": limiter.refused
+               for kind, limiter in self.services.rate_limits.items()},
         }
         lines = []
         for name, value in sorted(gauges.items()):

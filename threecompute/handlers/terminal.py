@@ -17,7 +17,7 @@ from typing import Any
 import tornado.websocket
 
 from ..containers.backend import TAB_ID, BackendError, UserRef
-from ..pty import Terminal
+from ..pty import Terminal, TerminalLimit
 from ..services import Services
 from ..terminal_frames import FrameError, InputRouter, parse_frame
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
@@ -29,6 +29,7 @@ PING_INTERVAL_SECONDS = 25
 PING_TIMEOUT_SECONDS = 20  # a client silent this long after a ping is gone (tornado: at most the interval)
 GOING_AWAY = 1001
 TERMINAL_UNAVAILABLE = 1011
+TRY_AGAIN_LATER = 1013
 
 
 def output_frame(text: str) -> str:
@@ -92,6 +93,10 @@ class TerminalSocket(ClosingWebSocketHandler):
         try:
             self.terminal = await self.services.hub.open(
                 self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit)
+        except TerminalLimit as exc:
+            self.send_error_frame(str(exc))
+            self.close(TRY_AGAIN_LATER, "try again later")
+            return
         except BackendError as exc:
             self.send_error_frame(str(exc))
             self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
@@ -110,6 +115,8 @@ class TerminalSocket(ClosingWebSocketHandler):
         self.services.open_sockets.discard(self)
         if self.unwatch_files is not None:
             self.unwatch_files()
+        if self.attaching is not None and self.terminal is None:
+            self.attaching.cancel()  # still waiting for the container: stop waiting, free the slot
         asyncio.ensure_future(self.release())
 
     async def release(self) -> None:
