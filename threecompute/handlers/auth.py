@@ -45,7 +45,7 @@ class SignInHandler(SessionCookieMixin):
 
     def prepare(self) -> None:
         super().prepare()
-        self.limit("signin", self.request.remote_ip or "")
+        self.limit("signin", self.client_ip())
 
 
 class LoginHandler(SignInHandler):
