@@ -100,10 +100,9 @@ async def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(client, make_
 
     # Nothing half-written, nothing left behind, the old content intact, reads still work.
     assert leftovers(workspace) == []
-    # (The folder-upload's folder `d/` was made before its files failed: folders are not undone.)
     assert files_in(workspace) == ["notes.txt"]
     assert (await client.fetch("/file/notes.txt")).body == b"the old notes"
-    assert body_json(await client.fetch("/list-files")) == {"files": ["d/", "notes.txt"]}
+    assert body_json(await client.fetch("/list-files")) == {"files": ["notes.txt"]}  # the failed upload's folder too
     assert body_json(await client.fetch("/tabs")) == {"tabs": ["1", "2"], "active_tab": "2"}
     assert (await client.fetch("/healthz")).code == 200
     assert [u.email for u in await services.store.list_users()] == ["ann@example.com"]

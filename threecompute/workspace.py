@@ -218,6 +218,7 @@ class AtomicWriter:
                 raise ValueError("writer already closed")
             self._file.write(data)
 
+    @_os_errors()
     def close(self) -> None:
         """No more bytes: flush them to disk and give back the descriptor."""
         with self._lock:
