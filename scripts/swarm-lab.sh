@@ -92,9 +92,9 @@ up() {
   done
   for i in $(seq 1 "$NODES"); do start_node "$i"; done
   # The image while the engines start; the default engine may be briefly away: retry.
-  for try in 1 2 3 4 5 6; do
+  for try in $(seq 1 12); do
     docker save "$IMAGE" -o "$LAB/image.tar" && break
-    [ "$try" = 6 ] && { echo "cannot docker save $IMAGE" >&2; return 1; }; sleep 5
+    [ "$try" = 12 ] && { echo "cannot docker save $IMAGE" >&2; return 1; }; sleep 5
   done
   for i in $(seq 1 "$NODES"); do wait_sock "$i"; done
   local pids=()  # explicit pids: a bare `wait` would wait for the dockerds too
