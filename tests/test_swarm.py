@@ -233,3 +233,26 @@ def _drained(swarm: docker.DockerClient, n: int, availability: str = "drain") ->
 
 async def _gather(*coros):  # noqa: ANN002, ANN202
     return await asyncio.gather(*coros)
+
+
+def test_manager_down_and_back(backend, swarm):
+    u = user(backend, "steady", 30400)
+    asyncio.run(backend.ensure(u))
+    assert lab("kill", "1").returncode == 0
+    try:
+        with pytest.raises(BackendError, match="unreachable"):
+            asyncio.run(backend.ensure(u))
+        assert asyncio.run(backend.health())["ok"] is False
+    finally:
+        assert lab("start", "1").returncode == 0
+    deadline = time.monotonic() + 60
+    while True:  # the manager takes a moment to lead its swarm again
+        try:
+            box = asyncio.run(backend.ensure(u))
+            break
+        except BackendError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    assert node_exec(node_of(backend, box.ref), box.ref, "pwd").strip() == "/app"
+    assert asyncio.run(backend.health())["ok"] is True
