@@ -22,7 +22,8 @@
 #
 # Settings: NODES (3), LAB (/tmp/3compute-swarm), NET (192.168.78), IMAGE (3compute),
 # PREFIX (3cs: names of the namespaces), HEARTBEAT (1s: the dispatcher heartbeat, which
-# bounds how fast a dead node is noticed).
+# bounds how fast a dead node is noticed), IMAGE_CACHE (/var/tmp/3compute-swarm-images: the
+# image saved once per image id, kept across runs; `down` leaves it).
 set -euo pipefail
 
 LAB=${LAB:-/tmp/3compute-swarm}
@@ -31,6 +32,7 @@ NET=${NET:-192.168.78}
 IMAGE=${IMAGE:-3compute}
 PREFIX=${PREFIX:-3cs}
 HEARTBEAT=${HEARTBEAT:-1s}
+IMAGE_CACHE=${IMAGE_CACHE:-/var/tmp/3compute-swarm-images}
 BRNS=$PREFIX-br
 BR=${PREFIX}br0
 
@@ -74,6 +76,27 @@ kill_node() {  # a crash: the engine and its containerd die, the containers live
   kill -KILL "$pid" 2>/dev/null || true
 }
 
+image_tar() {  # the image as a tar, saved once per image id (the default engine may be briefly away)
+  local id tar cached
+  mkdir -p "$IMAGE_CACHE"
+  for try in $(seq 1 24); do
+    if id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null); then
+      tar="$IMAGE_CACHE/${id#sha256:}.tar"
+      if [ -f "$tar" ] || { docker save "$IMAGE" -o "$tar.part" && mv "$tar.part" "$tar"; }; then
+        find "$IMAGE_CACHE" -name '*.tar*' ! -path "$tar" -delete  # older images
+        echo "$tar"; return 0
+      fi
+      rm -f "$tar.part"
+    fi
+    cached=$(ls -t "$IMAGE_CACHE"/*.tar 2>/dev/null | head -1 || true)
+    if [ -n "$cached" ] && [ "$try" -ge 3 ]; then
+      echo "the default engine does not answer; using the last saved $IMAGE" >&2; echo "$cached"; return 0
+    fi
+    sleep 5
+  done
+  echo "cannot docker save $IMAGE" >&2; return 1
+}
+
 up() {
   if [ -d "$LAB" ]; then echo "$LAB exists: run '$0 down' first" >&2; return 1; fi
   mkdir -p "$LAB"; echo "$NODES" >"$LAB/nodes"
@@ -91,16 +114,11 @@ up() {
     ip -n "$(ns "$i")" link set eth0 up
   done
   for i in $(seq 1 "$NODES"); do start_node "$i"; done
-  # The image while the engines start; the default engine may be briefly away: retry.
-  for try in $(seq 1 12); do
-    docker save "$IMAGE" -o "$LAB/image.tar" && break
-    [ "$try" = 12 ] && { echo "cannot docker save $IMAGE" >&2; return 1; }; sleep 5
-  done
+  local tar; tar=$(image_tar)  # while the engines start
   for i in $(seq 1 "$NODES"); do wait_sock "$i"; done
   local pids=()  # explicit pids: a bare `wait` would wait for the dockerds too
-  for i in $(seq 1 "$NODES"); do dk "$i" load -q -i "$LAB/image.tar" >/dev/null & pids+=($!); done
-  wait "${pids[@]}"
-  rm -f "$LAB/image.tar"
+  for i in $(seq 1 "$NODES"); do dk "$i" load -q -i "$tar" >/dev/null & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done
   dk 1 swarm init --advertise-addr "$(addr 1)" --listen-addr "$(addr 1):2377" \
     --dispatcher-heartbeat "$HEARTBEAT" >/dev/null
   local tok id

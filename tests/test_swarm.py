@@ -58,6 +58,9 @@ def swarm() -> Iterator[docker.DockerClient]:
         lab("down")
     try:
         started = lab("up")
+        if started.returncode != 0:  # once more: an engine of the machine may have been restarting
+            lab("down")
+            started = lab("up")
         assert started.returncode == 0, started.stderr[-2000:]
         client = docker.DockerClient(base_url=node_sock(1), version="auto", timeout=60)
         yield client

@@ -96,8 +96,8 @@ class SwarmBackend(DockerBackend):
     # -- ensure -----------------------------------------------------------------------------
 
     async def _ensure_locked(self, user: UserRef) -> Box:
-        service = await self._run(self._find_service, user.user_id)
         try:
+            service = await self._run(self._find_service, user.user_id)
             if service is None:
                 async with self._cap_lock, self.cluster.lock("containers"):
                     await self._reserve(user.user_id)
