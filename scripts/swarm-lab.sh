@@ -52,6 +52,7 @@ wait_sock() {  # until node $1's engine answers
 start_node() {
   local i=$1 d="$LAB/n$1"
   mkdir -p "$d/data" "$d/exec"
+  alive "$(cat "$d/dockerd.pid" 2>/dev/null)" || rm -f "$d/dockerd.pid"  # left by a crash
   # Own config (never /etc/docker/daemon.json) and own trust key (else every engine has the
   # same ID; a daemon.json key in 20.10). no-new-privileges is engine-wide under Swarm.
   printf '{"deprecated-key-path": "%s", "no-new-privileges": true}\n' "$d/key.json" >"$d/daemon.json"
@@ -74,6 +75,7 @@ kill_node() {  # a crash: the engine and its containerd die, the containers live
     case "$(cat "/proc/$p/comm" 2>/dev/null)" in containerd) kill -KILL "$p" 2>/dev/null || true ;; esac
   done
   kill -KILL "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
 }
 
 image_tar() {  # the image as a tar, saved once per image id (the default engine may be briefly away)
