@@ -162,6 +162,31 @@ def test_terminal_on_the_node_sees_the_shared_workspace(backend):
         "tabt1" not in node_exec(node_of(backend, box.ref), box.ref, "tmux", "ls")
 
 
+def test_two_servers_racing_make_one_service(backend, swarm):
+    other = SwarmBackend(backend.settings, node_sock(1))  # another replica: no lock shared in-process
+    u = user(backend, "raced", 30500)
+    first, second = asyncio.run(_gather(backend.ensure(u), other.ensure(u)))
+    assert first.ref == second.ref
+    assert len(swarm.services.list(filters={"label": f"3compute.deployment={backend.deployment}"})) == 1
+
+
+def test_detach_without_host_access_goes_through_the_node(backend, monkeypatch):
+    monkeypatch.setattr("threecompute.containers.hostside.available", lambda: False)
+    u = user(backend, "remote", 30600)
+    box = asyncio.run(backend.ensure(u))
+    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, "t2", "0123456789abcdef").argv)
+    try:
+        read_until(proc, "$ ", 20)
+        asyncio.run(backend.detach(box, "0123456789abcdef"))
+        deadline = time.monotonic() + 10
+        while proc.isalive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not proc.isalive()
+    finally:
+        proc.close(force=True)
+    assert "tabt2" in node_exec(node_of(backend, box.ref), box.ref, "tmux", "ls")  # the session lives on
+
+
 def test_cap_reaper_and_adoption(backend, swarm):
     backend.settings = dataclasses.replace(backend.settings, max_containers=2)
     a, b, c = (user(backend, name, 30200 + 10 * i) for i, name in enumerate("abc"))
