@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", default="5555", help="listen port (default 5555)")
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     parser.add_argument("--dev", action="store_true", help="development mode (dev-login, no Secure cookie)")
-    parser.add_argument("--backend", default="docker", choices=["docker", "local"], help="where terminals run")
+    parser.add_argument("--backend", default="docker", choices=["docker", "swarm", "local"], help="where terminals run")
     return parser.parse_args(argv)
 
 

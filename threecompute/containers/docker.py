@@ -456,7 +456,7 @@ class DockerBackend(ContainerBackend):
         script = ATTACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id),
                                       session=tmux_session_name(tab_id))
         self._live_clients.add(client_id)
-        argv = [self.docker_cli, *self._cli_host_args(), "exec", "-it", "-e", "TERM=xterm-256color",
+        argv = [self.docker_cli, *self._cli_host_args(box.ref), "exec", "-it", "-e", "TERM=xterm-256color",
                 "-w", "/app", box.ref, "sh", "-c", script]
         return AttachCommand(argv=argv)
 
@@ -539,8 +539,9 @@ class DockerBackend(ContainerBackend):
         output = client.api.exec_start(result["Id"])
         return output.decode(errors="replace") if isinstance(output, bytes) else ""
 
-    def _cli_host_args(self) -> list[str]:
-        """`-H <url>` when the engine is not the default one, so the CLI finds the same engine."""
+    def _cli_host_args(self, ref: str | None = None) -> list[str]:
+        """`-H <url>` when the engine is not the default one, so the CLI finds the same engine
+        (the one that runs container `ref`)."""
         url = self._engine_url()
         return [] if url == DEFAULT_DOCKER_HOST else ["-H", url]
 

@@ -126,7 +126,17 @@ class TerminalSocket(ClosingWebSocketHandler):
             await self.services.hub.close(self.terminal)
 
     def on_terminal_exit(self) -> None:
-        """The shell ended (the user typed `exit`): the tab is over."""
+        """The shell ended (the user typed `exit`): the tab is over. A failed `docker exec`
+        (its engine gone, e.g. the node died) is an error the client may retry."""
+        asyncio.ensure_future(self._close_after_exit())
+
+    async def _close_after_exit(self) -> None:
+        if self.terminal is not None:
+            await self.terminal.session.wait_closed()
+            if self.terminal.session.exit_status not in (0, None):
+                self.send_error_frame("the terminal lost its container; reconnect to get a fresh one")
+                self.close(TERMINAL_UNAVAILABLE, "terminal lost")
+                return
         self.close(1000, "terminal exited")
 
     # -- frames --------------------------------------------------------------------------
