@@ -69,9 +69,9 @@ class Settings:
     # Limits per user (terminals, file API, tab saves) and per client IP (sign-in); None: off.
     max_terminals_per_user: int = 20
     max_terminals: int = 1000
-    terminal_open_rate: Rate | None = Rate(2, 30)
-    file_rate: Rate | None = Rate(20, 100)
-    tabs_rate: Rate | None = Rate(5, 30)
+    terminal_open_rate: Rate | None = Rate(5, 60)
+    file_rate: Rate | None = Rate(50, 500)
+    tabs_rate: Rate | None = Rate(20, 200)
     signin_rate: Rate | None = Rate(10, 300)
 
     @property
@@ -274,9 +274,9 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         database_url=_database_url(env),
         max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 20, minimum=1),
         max_terminals=_int(env, "MAX_TERMINALS", 1000, minimum=1),
-        terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(2, 30)),
-        file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(20, 100)),
-        tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(5, 30)),
+        terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(5, 60)),
+        file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(50, 500)),
+        tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(20, 200)),
         signin_rate=_rate(env, "SIGNIN_RATE_LIMIT", Rate(10, 300)),
     )
 
