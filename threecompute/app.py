@@ -14,6 +14,7 @@ from tornado.log import access_log
 
 from .handlers import auth, files, ops, terminal, webhook
 from .handlers.base import BaseHandler, HTTPError, PreflightHandler
+from .handlers.classrooms import classroom_routes
 from .handlers.socketio import socketio_routes
 from .handlers.web import web_routes
 from .services import Services
@@ -39,7 +40,7 @@ QUIET_PATHS = {"/list-files", "/healthz", "/metrics"}  # polled: 100 lines a sec
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log, with the successful answers to polled paths at DEBUG."""
     status = handler.get_status()
-    if status < 400 and handler.request.path in QUIET_PATHS:
+    if status < 400 and handler.request.path.removeprefix("/api") in QUIET_PATHS:
         level = logging.DEBUG
     else:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
@@ -122,11 +123,12 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),
     ]
+    routes += classroom_routes()
+    api = [(pattern, handler, {"services": services}) for pattern, handler in routes] + socketio_routes(services)
     return Application(
         services,
-        [(pattern, handler, {"services": services}) for pattern, handler in routes]
-        + web_routes(services)
-        + socketio_routes(services),
+        # Every API route under /api/ too (the frontend's convention); the pages stay where they are.
+        api + [(f"/api{pattern}", handler, args) for pattern, handler, args in api] + web_routes(services),
         default_handler_class=NotFoundHandler,
         default_handler_args={"services": services},
         websocket_max_message_size=terminal.MAX_FRAME_BYTES,

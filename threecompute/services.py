@@ -8,9 +8,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .classrooms import Classrooms
 from .containers import make_backend
 from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
+from .grading import Grader
 from .identity import OAuthClient, TokenCodec
 from .limits import UserLimits
 from .pty.hub import TerminalHub
@@ -34,6 +36,12 @@ class Services:
     file_executor: ThreadPoolExecutor
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
     limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
+    classrooms: Classrooms = field(init=False)
+    grader: Grader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.classrooms = Classrooms(self.store, self.settings)
+        self.grader = Grader(self.settings, self.classrooms)
 
     def user_ref(self, user: User) -> UserRef:
         return UserRef(user_id=user.id, port_start=user.port_start,
@@ -48,6 +56,7 @@ class Services:
         return self.user_ref(record)
 
     def close(self) -> None:
+        self.grader.close()
         self.file_executor.shutdown(wait=True)
         self.store.close()
 

@@ -65,6 +65,12 @@ class Settings:
     allowed_hosts: frozenset[str] = LOOPBACK_HOSTS
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     database_url: str = ""  # PostgreSQL, shared by replicas; empty: SQLite in DATA_DIR
+    grading_concurrency: int = 2  # test runs at once (grading.py); the rest wait
+    grading_timeout_seconds: float = 60.0
+    grading_test_seconds: float = 10.0
+    grading_memory: str = "256m"
+    grading_cpus: float = 0.5
+    grading_pids: int = 64
 
     @property
     def secure_cookies(self) -> bool:
@@ -247,6 +253,12 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         allowed_hosts=_allowed_hosts(env, host, [frontend, redirect]),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         database_url=_database_url(env),
+        grading_concurrency=_int(env, "GRADING_CONCURRENCY", 2, minimum=1),
+        grading_timeout_seconds=_float(env, "GRADING_TIMEOUT_SECONDS", 60.0, minimum=1),
+        grading_test_seconds=_float(env, "GRADING_TEST_SECONDS", 10.0, minimum=0.5),
+        grading_memory=_memory(env, "GRADING_MEMORY", "256m"),
+        grading_cpus=_float(env, "GRADING_CPUS", 0.5, minimum=0.01),
+        grading_pids=_int(env, "GRADING_PIDS", 64, minimum=16),
     )
 
 
