@@ -71,7 +71,11 @@ class Grader:
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.scratch))
         try:
             submission = folder / "submission"
-            self._snapshot(workspace, assignment.folder, submission)
+            try:
+                self._snapshot(workspace, assignment.folder, submission)
+            except WorkspaceError as exc:  # e.g. the folder made a link out of the workspace
+                return {"status": "error", "passed": 0, "failed": 0, "score": 0.0, "tests": [],
+                        "output": f"the assignment folder cannot be read: {exc.message}"}
             return self._container(assignment, submission)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -102,9 +106,9 @@ class Grader:
     def _container(self, assignment: Assignment, submission: Path) -> dict:
         s = self.settings
         tests = self.classrooms.assignment_dir(assignment) / "tests"
-        client = docker.from_env(version="auto", timeout=30)
-        container = None
+        container = client = None
         try:
+            client = docker.from_env(version="auto", timeout=30)
             container = client.containers.create(
                 s.container_image,
                 ["python3", "-B", "/runner/runner.py", "/grader", "/submission", str(s.grading_test_seconds)],
@@ -138,7 +142,8 @@ class Grader:
             if container is not None:
                 with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
                     container.remove(force=True)
-            client.close()
+            if client is not None:
+                client.close()
 
 
 def _result(logs: str, exit_code: int, timed_out: bool, limit: float) -> dict[str, Any]:
