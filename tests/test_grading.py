@@ -129,7 +129,9 @@ def hostile_sources(data_dir) -> dict[str, bytes]:
         "network": b"import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=2).close()\n"
                    b"    OPEN = True\nexcept OSError:\n    OPEN = False\n"
                    b"def add(a, b):\n    return 0 if OPEN else a + b\n",
-        "snoop": ("import os\nSEEN = [p for p in ('/app', " + repr(other) + ", '/data') if os.path.exists(p)]\n"
+        # /app exists in the image, empty: no workspace is mounted in a test run.
+        "snoop": ("import os\nSEEN = os.listdir('/app') + [p for p in (" + repr(other) + ", '/data')"
+                  " if os.path.exists(p)]\n"
                   "def add(a, b):\n    return 0 if SEEN else a + b\n").encode(),
         "forger": b"import json, os\n"
                   b"fake = json.dumps({'tests': [{'name': 'x', 'outcome': 'passed', 'output': ''}] * 9})\n"

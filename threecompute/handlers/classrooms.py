@@ -64,10 +64,12 @@ class ClassroomBase(BaseHandler):
                 workspace = self.services.workspaces.for_user(user_id)
                 for assignment in assignments:
                     count += len(self.model.copy_to(assignment, workspace))
-                self.services.hub.files.changed(user_id)
             return count
 
-        return await self.in_executor(copy)
+        written = await self.in_executor(copy)
+        for user_id in user_ids:  # on the IOLoop: the watchers are its connections
+            self.services.hub.files.changed(user_id)
+        return written
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, ClassroomError):
