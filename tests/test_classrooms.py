@@ -245,3 +245,41 @@ async def test_bad_assignments_are_refused_and_change_nothing(make_client, data_
     assert not (data_dir / "classrooms").exists() or not any((data_dir / "classrooms").rglob("*.py"))
     await ok(owner, url, "POST", {"name": "A", "files": STARTER, "tests": HIDDEN}, 201)
     assert (await owner.fetch(url, "POST", {"name": "a", "files": STARTER, "tests": HIDDEN})).code == 409
+
+
+@pytest.mark.gen_test
+async def test_weights_and_manual_scores_make_the_totals(make_client):
+    owner, room, first = await classroom_with_assignment(make_client)
+    rid = room["id"]
+    second = await ok(owner, f"/classrooms/{rid}/assignments", "POST",
+                      {"name": "=Formula", "files": STARTER, "tests": HIDDEN}, 201)
+    amy = await signed_in(make_client, "amy@example.com")
+    await ok(amy, "/classrooms/join", "POST", {"code": room["access_code"]})
+    await ok(await signed_in(make_client, "ben@example.com"), "/classrooms/join", "POST",
+             {"code": room["access_code"]})
+    amy_id = dev_user_id("amy@example.com")
+    one, two = (f"/classrooms/{rid}/assignments/{a['id']}" for a in (first, second))
+    assert (await ok(owner, f"{two}/weight", "POST", {"weight": 3}))["weight"] == 3
+    for bad in ({"weight": -1}, {"weight": "3"}, {}):
+        assert (await owner.fetch(f"{two}/weight", "POST", bad)).code == 400
+    await ok(owner, f"{one}/scores/{amy_id}", "POST", {"score": 80})
+    await ok(owner, f"{two}/scores/{amy_id}", "POST", {"score": 50})
+    for bad in ({"score": 101}, {"score": "A"}, {"score": True}):
+        assert (await owner.fetch(f"{one}/scores/{amy_id}", "POST", bad)).code == 400
+    assert (await owner.fetch(f"{one}/scores/{dev_user_id('teacher@example.com')}", "POST", {"score": 1})).code == 404
+    assert (await amy.fetch(f"{one}/scores/{amy_id}", "POST", {"score": 100})).code == 403
+    assert (await amy.fetch(f"{one}/weight", "POST", {"weight": 0})).code == 403
+
+    progress = await ok(owner, f"/classrooms/{rid}/progress")
+    totals = {row["email"]: row["total"] for row in progress["students"]}
+    assert totals == {"amy@example.com": 57.5, "ben@example.com": 0.0}  # (80 * 1 + 50 * 3) / 4
+    amy_row = next(r for r in progress["students"] if r["email"] == "amy@example.com")
+    assert amy_row["assignments"][first["id"]] == {"status": "not run", "passed": None, "failed": None,
+                                                   "ran_at": None, "run_score": None, "manual_score": 80,
+                                                   "score": 80}
+    lines = (await owner.fetch(f"/classrooms/{rid}/progress?format=csv")).body.decode().splitlines()
+    assert lines[0] == "email,user_id,Add two,'=Formula,total"
+    assert f"amy@example.com,{amy_id},80.0,50.0,57.5" in lines or f"amy@example.com,{amy_id},80,50,57.5" in lines
+    await ok(owner, f"{one}/scores/{amy_id}", "POST", {"score": None})
+    progress = await ok(owner, f"/classrooms/{rid}/progress")
+    assert {row["email"]: row["total"] for row in progress["students"]}["amy@example.com"] == 37.5

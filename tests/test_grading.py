@@ -56,7 +56,7 @@ def by_user(runs: list[dict]) -> dict[str, dict]:
 
 
 @pytest.mark.gen_test(timeout=300)
-async def test_a_class_of_30_joins_edits_and_is_graded_right(make_client, data_dir):
+async def test_a_class_of_30_joins_edits_and_is_graded_right(make_client, data_dir, services):
     owner, room, assignment = await classroom_with_assignment(make_client)
     rid, aid, folder = room["id"], assignment["id"], assignment["folder"]
     base = f"/classrooms/{rid}/assignments/{aid}"
@@ -69,6 +69,7 @@ async def test_a_class_of_30_joins_edits_and_is_graded_right(make_client, data_d
 
     runs = by_user((await ok(owner, f"{base}/run", "POST", {"all": True}))["runs"])
     assert len(runs) == 30
+    assert services.grader.peak == 4  # GRADING_CONCURRENCY: the other 26 waited in line
     for index, email in enumerate(emails):
         run = runs[dev_user_id(email)]
         expected = {CORRECT: (3, 0, 100.0), HALF: (1, 2, 33.3)}.get(edits.get(index), (0, 3, 0.0))
@@ -87,6 +88,12 @@ async def test_a_class_of_30_joins_edits_and_is_graded_right(make_client, data_d
     assert scores["student00@example.com"] == 100.0 and scores["student03@example.com"] == 33.3
     assert scores["student29@example.com"] == 0.0
     assert len((await ok(owner, f"{base}/results"))["results"]) == 30
+    csv = await owner.fetch(f"/classrooms/{rid}/progress?format=csv")
+    assert csv.code == 200 and csv.headers["Content-Type"].startswith("text/csv")
+    lines = csv.body.decode().splitlines()
+    assert lines[0] == "email,user_id,Add two,total" and len(lines) == 31
+    assert f"student00@example.com,{dev_user_id(emails[0])},100.0,100.0" in lines
+    assert (await students[0].fetch(f"/classrooms/{rid}/progress?format=csv")).code == 403
 
 
 @pytest.mark.gen_test(timeout=200)

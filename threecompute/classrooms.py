@@ -76,6 +76,7 @@ class Assignment:
     published: bool
     due_at: float | None
     created_at: float
+    weight: float = 1.0
 
     @property
     def folder(self) -> str:
@@ -85,7 +86,7 @@ class Assignment:
     def to_json(self) -> dict:
         return {"id": self.id, "classroom_id": self.classroom_id, "slug": self.slug, "name": self.name,
                 "published": self.published, "due_at": self.due_at, "created_at": self.created_at,
-                "folder": self.folder}
+                "weight": self.weight, "folder": self.folder}
 
 
 def _slug(name: str) -> str:
@@ -256,6 +257,8 @@ class Classrooms:
         await self.store.transaction([
             ("DELETE FROM grade_runs WHERE assignment_id IN (SELECT id FROM assignments WHERE classroom_id = ?)",
              (classroom_id,)),
+            ("DELETE FROM manual_scores WHERE assignment_id IN (SELECT id FROM assignments WHERE classroom_id = ?)",
+             (classroom_id,)),
             ("DELETE FROM assignments WHERE classroom_id = ?", (classroom_id,)),
             ("DELETE FROM classroom_members WHERE classroom_id = ?", (classroom_id,)),
             ("DELETE FROM classrooms WHERE id = ?", (classroom_id,)),
@@ -331,7 +334,7 @@ class Classrooms:
                 target.write_bytes(data)
         (folder / "starter").mkdir(parents=True, exist_ok=True)
         try:
-            await self.store.transaction([("INSERT INTO assignments VALUES (?, ?, ?, ?, 0, NULL, ?)",
+            await self.store.transaction([("INSERT INTO assignments VALUES (?, ?, ?, ?, 0, NULL, ?, 1)",
                                            (assignment.id, classroom_id, slug, name, assignment.created_at))])
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -357,8 +360,28 @@ class Classrooms:
                                        (due_at, assignment.id))])
         return await self.assignment(assignment.classroom_id, assignment.id)
 
+    async def set_weight(self, assignment: Assignment, weight: object) -> Assignment:
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight <= 1000:
+            raise ClassroomError(400, "weight must be a number from 0 to 1000")
+        await self.store.transaction([("UPDATE assignments SET weight = ? WHERE id = ?", (weight, assignment.id))])
+        return await self.assignment(assignment.classroom_id, assignment.id)
+
+    async def set_manual_score(self, assignment: Assignment, user_id: str, score: object, by: str) -> None:
+        """A teacher's score for a student, over any run's; None removes it."""
+        if score is None:
+            await self.store.transaction([("DELETE FROM manual_scores WHERE assignment_id = ? AND user_id = ?",
+                                           (assignment.id, user_id))])
+            return
+        if not isinstance(score, int | float) or isinstance(score, bool) or not 0 <= score <= 100:
+            raise ClassroomError(400, "score must be a number from 0 to 100, or null")
+        await self.store.transaction([("INSERT INTO manual_scores VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                                       " (assignment_id, user_id) DO UPDATE SET score = excluded.score,"
+                                       " set_by = excluded.set_by, set_at = excluded.set_at",
+                                       (assignment.id, user_id, score, by, time.time()))])
+
     async def delete_assignment(self, assignment: Assignment) -> None:
         await self.store.transaction([("DELETE FROM grade_runs WHERE assignment_id = ?", (assignment.id,)),
+                                      ("DELETE FROM manual_scores WHERE assignment_id = ?", (assignment.id,)),
                                       ("DELETE FROM assignments WHERE id = ?", (assignment.id,))])
         shutil.rmtree(self.assignment_dir(assignment), ignore_errors=True)
 
@@ -431,21 +454,29 @@ class Classrooms:
         return [row | {"tests": json.loads(row["tests"])} for row in rows]
 
     async def progress(self, classroom_id: str) -> dict:
-        """The teacher's table: each student × each assignment, with the latest score."""
+        """The teacher's table: each student × each assignment, with the latest score (a manual
+        score overrides it), and each student's `total`: the mean of the scores weighted by the
+        assignments' weights (an assignment not yet scored counts 0)."""
         assignments = await self.assignments(classroom_id, published_only=False)
         members = [p for p in await self.participants(classroom_id) if p["role"] == "student"]
         latest = {(r["assignment_id"], r["user_id"]): r for r in await self.latest_runs(classroom_id)}
+        manual = {(r["assignment_id"], r["user_id"]): r["score"] for r in await self._all(
+            "SELECT s.* FROM manual_scores s JOIN assignments a ON a.id = s.assignment_id WHERE a.classroom_id = ?",
+            classroom_id)}
+        weights = sum(a.weight for a in assignments)
         rows = []
         for member in members:
             cells = {}
             for a in assignments:
-                run = latest.get((a.id, member["user_id"]))
-                cells[a.id] = {"status": "not run" if run is None else run["status"],
-                               "score": None if run is None else run["score"],
-                               "passed": None if run is None else run["passed"],
-                               "failed": None if run is None else run["failed"],
-                               "ran_at": None if run is None else run["ran_at"]}
-            rows.append({"user_id": member["user_id"], "email": member["email"], "assignments": cells})
+                run = latest.get((a.id, member["user_id"])) or {}
+                override = manual.get((a.id, member["user_id"]))
+                cells[a.id] = {"status": run.get("status", "not run"), "passed": run.get("passed"),
+                               "failed": run.get("failed"), "ran_at": run.get("ran_at"),
+                               "run_score": run.get("score"), "manual_score": override,
+                               "score": override if override is not None else run.get("score")}
+            total = sum((cells[a.id]["score"] or 0.0) * a.weight for a in assignments) / weights if weights else None
+            rows.append({"user_id": member["user_id"], "email": member["email"], "assignments": cells,
+                         "total": None if total is None else round(total, 1)})
         return {"assignments": [a.to_json() for a in assignments], "students": rows}
 
 
@@ -466,4 +497,4 @@ def _classroom(row: dict) -> Classroom:
 
 def _assignment(row: dict) -> Assignment:
     return Assignment(row["id"], row["classroom_id"], row["slug"], row["name"], bool(row["published"]),
-                      row["due_at"], row["created_at"])
+                      row["due_at"], row["created_at"], row["weight"])

@@ -57,6 +57,8 @@ class Grader:
         self.slots = asyncio.Semaphore(settings.grading_concurrency)
         self._pool = ThreadPoolExecutor(max(2, settings.grading_concurrency), thread_name_prefix="grading")
         self.scratch = settings.data_dir / "tmp" / "grading"
+        self.running = 0
+        self.peak = 0  # the most runs at once so far (GRADING_CONCURRENCY bounds it)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -64,7 +66,12 @@ class Grader:
     async def run(self, assignment: Assignment, workspace: Workspace) -> dict:
         """The result of one run (status, passed, failed, score, tests, output)."""
         async with self.slots:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, assignment, workspace)
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, assignment, workspace)
+            finally:
+                self.running -= 1
 
     def _run(self, assignment: Assignment, workspace: Workspace) -> dict:
         self.scratch.mkdir(parents=True, exist_ok=True)

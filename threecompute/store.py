@@ -123,7 +123,16 @@ MIGRATIONS = [
         published INTEGER NOT NULL DEFAULT 0,
         due_at REAL,
         created_at REAL NOT NULL,
+        weight REAL NOT NULL DEFAULT 1,
         UNIQUE (classroom_id, slug)
+    );
+    CREATE TABLE manual_scores (
+        assignment_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        score REAL NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at REAL NOT NULL,
+        PRIMARY KEY (assignment_id, user_id)
     );
     CREATE TABLE grade_runs (
         id TEXT PRIMARY KEY,

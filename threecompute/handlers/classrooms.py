@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
+import io
 from typing import Any
 
 from ..classrooms import Assignment, Classroom, ClassroomError
@@ -215,6 +217,22 @@ class PublishHandler(ClassroomBase):
         self.answer(assignment.to_json() | {"students": len(students), "files_written": written})
 
 
+class WeightHandler(ClassroomBase):
+    async def post(self, classroom_id: str, assignment_id: str) -> None:
+        _, assignment, _ = await self.assignment_for(classroom_id, assignment_id, instructor=True)
+        self.answer((await self.model.set_weight(assignment, self.json_body().get("weight"))).to_json())
+
+
+class ManualScoreHandler(ClassroomBase):
+    async def post(self, classroom_id: str, assignment_id: str, user_id: str) -> None:
+        _, assignment, _ = await self.assignment_for(classroom_id, assignment_id, instructor=True)
+        if await self.model.member_role(classroom_id, user_id) != "student":
+            raise HTTPError(404, "not a student of this classroom")
+        score = self.json_body().get("score")
+        await self.model.set_manual_score(assignment, user_id, score, self.user.id)
+        self.answer({"user_id": user_id, "assignment_id": assignment.id, "manual_score": score})
+
+
 class RestoreHandler(ClassroomBase):
     async def post(self, classroom_id: str, assignment_id: str) -> None:
         _, assignment, part = await self.assignment_for(classroom_id, assignment_id, instructor=False)
@@ -263,7 +281,30 @@ class ResultsHandler(ClassroomBase):
 class ProgressHandler(ClassroomBase):
     async def get(self, classroom_id: str) -> None:
         await self.classroom_for(classroom_id, instructor=True)
-        self.answer(await self.model.progress(classroom_id))
+        progress = await self.model.progress(classroom_id)
+        if self.get_argument("format", "json") != "csv":
+            self.answer(progress)
+            return
+        self.set_header("Content-Type", "text/csv; charset=utf-8")
+        self.set_header("Content-Disposition", f'attachment; filename="{classroom_id}-progress.csv"')
+        self.finish(progress_csv(progress))
+
+
+def progress_csv(progress: dict) -> str:
+    """One row per student, one score column per assignment (empty: never run)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    assignments = progress["assignments"]
+    writer.writerow(["email", "user_id", *(_cell(a["name"]) for a in assignments), "total"])
+    for row in progress["students"]:
+        scores = [row["assignments"][a["id"]]["score"] for a in assignments] + [row["total"]]
+        writer.writerow([_cell(row["email"]), row["user_id"], *("" if s is None else s for s in scores)])
+    return out.getvalue()
+
+
+def _cell(text: str) -> str:
+    """No formula in a spreadsheet from a value a user chose."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 class StudentFilesHandler(ClassroomBase):
@@ -360,6 +401,8 @@ def classroom_routes() -> list[tuple[str, type]]:
         (a, AssignmentHandler),
         (f"{a}/publish", PublishHandler),
         (f"{a}/restore", RestoreHandler),
+        (f"{a}/weight", WeightHandler),
+        (rf"{a}/scores/{ID}", ManualScoreHandler),
         (f"{a}/run", RunHandler),
         (f"{a}/results", ResultsHandler),
         (rf"{a}/files/{ID}", StudentFilesHandler),
