@@ -283,3 +283,22 @@ async def test_weights_and_manual_scores_make_the_totals(make_client):
     await ok(owner, f"{one}/scores/{amy_id}", "POST", {"score": None})
     progress = await ok(owner, f"/classrooms/{rid}/progress")
     assert {row["email"]: row["total"] for row in progress["students"]}["amy@example.com"] == 37.5
+
+
+@pytest.mark.gen_test
+async def test_admin_stats(make_client):
+    owner, room, _ = await classroom_with_assignment(make_client)
+    student = await signed_in(make_client, "s@example.com")
+    await ok(student, "/classrooms/join", "POST", {"code": room["access_code"]})
+    await student.fetch("/file/big.bin", "PUT", b"x" * 100_000)
+    assert (await student.fetch("/admin/stats")).code == 403
+    assert (await owner.fetch("/admin/stats")).code == 403
+    admin = await signed_in(make_client, ADMIN)
+    stats = await ok(admin, "/api/admin/stats")
+    assert stats["users"] == {"total": 3, "admin": 1, "teacher": 1, "student": 1}
+    assert stats["classrooms"] == 1
+    assert stats["terminals"] == {"open": 0, "users": 0}
+    assert stats["containers"]["backend"] == "local" and stats["grading"]["running"] == 0
+    sizes = {w["email"]: w["bytes"] for w in stats["workspaces"]}
+    assert sizes["s@example.com"] >= 100_000 + len(STARTER["solution.py"])
+    assert sizes[ADMIN] == 0

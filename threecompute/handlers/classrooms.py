@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import csv
 import io
+import os
+from pathlib import Path
 from typing import Any
 
 from ..classrooms import Assignment, Classroom, ClassroomError
@@ -379,6 +382,40 @@ class TeacherCodesHandler(AdminBase):
         self.answer(code, 201)
 
 
+class AdminStatsHandler(AdminBase):
+    async def get(self) -> None:
+        users = await self.services.store.list_users()
+        roles = [await self.model.role_of(u) for u in users]
+        base = self.services.settings.workspaces_dir
+        sizes = await self.in_executor(lambda: {u.id: folder_bytes(base / u.id) for u in users})
+        terminals = self.services.hub.metrics()
+        backend = self.services.backend.metrics()
+        grader = self.services.grader
+        self.answer({
+            "users": {"total": len(users), **{role: roles.count(role) for role in ("admin", "teacher", "student")}},
+            "classrooms": len(await self.model.all()),
+            "containers": {"backend": self.services.backend.name,
+                           "running": backend.get("running_containers", 0)},
+            "terminals": {"open": terminals["open_terminals"], "users": terminals["terminal_users"]},
+            "grading": {"running": grader.running, "peak": grader.peak,
+                        "concurrency": self.services.settings.grading_concurrency},
+            "workspaces": [{"user_id": u.id, "email": u.email, "bytes": sizes[u.id]} for u in users],
+        })
+
+
+def folder_bytes(root: Path, limit: int = 200_000) -> int:
+    """The bytes of files under `root`, links not followed, at most `limit` entries counted."""
+    total, seen = 0, 0
+    for folder, dirs, files in os.walk(root):  # os.walk follows no link by default
+        seen += len(dirs) + len(files)
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+        if seen >= limit:
+            break
+    return total
+
+
 class AdminClassroomsHandler(AdminBase):
     async def get(self) -> None:
         self.answer({"classrooms": [c.to_json(True) for c in await self.model.all()]})
@@ -412,4 +449,5 @@ def classroom_routes() -> list[tuple[str, type]]:
         (r"/admin/teacher-allowlist/([^/]+)", AllowlistEntryHandler),
         (r"/admin/teacher-codes", TeacherCodesHandler),
         (r"/admin/classrooms", AdminClassroomsHandler),
+        (r"/admin/stats", AdminStatsHandler),
     ]
