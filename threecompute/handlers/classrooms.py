@@ -23,7 +23,7 @@ from .base import BaseHandler, HTTPError
 
 ASSIGNMENT_BODY_BYTES = 2 * 1024 * 1024
 MAX_READ_BYTES = 1024 * 1024
-ID = r"([A-Za-z0-9_-]+)"
+ID = r"([^/]+)"  # looked up, never used as a path: any segment
 
 
 class ClassroomBase(BaseHandler):
