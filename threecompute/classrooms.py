@@ -204,6 +204,18 @@ class Classrooms:
             await self.store.transaction([("INSERT INTO user_roles VALUES (?, 'teacher') ON CONFLICT (user_id)"
                                            " DO UPDATE SET role = 'teacher'", (user.id,))])
 
+    async def delete_user_rows(self, user_id: str) -> None:
+        """The user's rows: classrooms they own (with theirs), memberships, grades, the user."""
+        for row in await self._all("SELECT id FROM classrooms WHERE owner_id = ?", user_id):
+            await self.delete(row["id"])
+        await self.store.transaction([
+            ("DELETE FROM grade_runs WHERE user_id = ?", (user_id,)),
+            ("DELETE FROM manual_scores WHERE user_id = ?", (user_id,)),
+            ("DELETE FROM classroom_members WHERE user_id = ?", (user_id,)),
+            ("DELETE FROM user_roles WHERE user_id = ?", (user_id,)),
+            ("DELETE FROM users WHERE id = ?", (user_id,)),
+        ])
+
     # -- classrooms -----------------------------------------------------------------------
 
     async def create(self, owner: User, name: object) -> Classroom:

@@ -702,6 +702,15 @@ class Workspaces:
                 self._workspaces[user_id] = workspace
             return workspace
 
+    def remove(self, user_id: str) -> None:
+        """Delete the user's workspace and temporary folder (links inside are not followed)."""
+        with self._lock:
+            self._workspaces.pop(user_id, None)
+            if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:
+                raise WorkspaceError(400, f"bad user id: {user_id!r}")
+            shutil.rmtree(self.base_dir / user_id, ignore_errors=True)
+            shutil.rmtree(self.temp_base / user_id, ignore_errors=True)
+
     def _make_temp_dir(self, user_id: str) -> Path:
         """The user's temporary folder, emptied of what an earlier run left half-written.
 

@@ -358,6 +358,22 @@ class AdminRoleHandler(AdminBase):
         self.answer({"user_id": user_id, "role": role})
 
 
+class AdminUserHandler(AdminBase):
+    async def delete(self, user_id: str) -> None:
+        """Container, workspace and rows, in that order; again, it finds nothing and succeeds."""
+        if user_id == self.user.id:
+            raise HTTPError(409, "an admin cannot delete themselves")
+        record = await self.services.store.get_user(user_id)
+        ref = self.services.user_ref(record) if record is not None else None
+        for terminal in self.services.hub.terminals_of(user_id):
+            await self.services.hub.close(terminal)
+        if ref is not None:
+            await self.services.backend.remove_user(ref)
+        await self.in_executor(self.services.workspaces.remove, user_id)
+        await self.model.delete_user_rows(user_id)
+        self.answer({"success": True, "existed": record is not None})
+
+
 class AllowlistHandler(AdminBase):
     async def get(self) -> None:
         self.answer({"allowlist": await self.model.allowlist()})
@@ -444,6 +460,7 @@ def classroom_routes() -> list[tuple[str, type]]:
         (f"{a}/results", ResultsHandler),
         (rf"{a}/files/{ID}", StudentFilesHandler),
         (r"/admin/users", AdminUsersHandler),
+        (rf"/admin/users/{ID}", AdminUserHandler),
         (rf"/admin/users/{ID}/role", AdminRoleHandler),
         (r"/admin/teacher-allowlist", AllowlistHandler),
         (r"/admin/teacher-allowlist/([^/]+)", AllowlistEntryHandler),
