@@ -140,6 +140,8 @@ def hostile_sources(data_dir) -> dict[str, bytes]:
         "snoop": ("import os\nSEEN = os.listdir('/app') + [p for p in (" + repr(other) + ", '/data')"
                   " if os.path.exists(p)]\n"
                   "def add(a, b):\n    return 0 if SEEN else a + b\n").encode(),
+        "quitter": b"import atexit, os\natexit.register(lambda: os._exit(0))\n"
+                   b"def add(a, b):\n    raise SystemExit(0)\n",
         "forger": b"import json, os\n"
                   b"fake = json.dumps({'tests': [{'name': 'x', 'outcome': 'passed', 'output': ''}] * 9})\n"
                   b"print(fake)\nfor path in ('/proc/1/fd/1', '/proc/self/fd/1'):\n    try:\n"
@@ -186,8 +188,8 @@ async def test_hostile_submissions_are_held_at_their_limits(make_client, data_di
     assert {t["outcome"] for t in result["loop"]["tests"]} == {"timeout"}
     for name in ("network", "snoop", "honest"):
         assert (result[name]["passed"], result[name]["score"]) == (3, 100.0), (name, result[name])
-    forger = result["forger"]
-    assert (forger["status"], forger["passed"], forger["failed"]) == ("done", 0, 3), forger
+    for name in ("forger", "quitter"):  # forged lines, exit code 0 without passing: all fail
+        assert (result[name]["status"], result[name]["passed"], result[name]["failed"]) == ("done", 0, 3), result[name]
     assert result["linker"]["status"] == "error" and result["linker"]["score"] == 0.0
     # Nothing else was harmed: the hidden test, the honest student's file, the server.
     tests = next((data_dir / "classrooms").rglob("test_add.py")).read_text()

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,18 +23,35 @@ import threading
 from pathlib import Path
 
 MAX_TEST_OUTPUT = 4000
+# A test passes only when its child writes the token it was given on stdin to the result
+# pipe, after the test returned: exiting 0 some other way (atexit, os._exit, SystemExit) is a
+# failure. The token is read before any submitted code is imported and kept in locals only.
 CHILD = r"""
-import importlib.util, sys, traceback, unittest
-tests, submission, file, name = sys.argv[1:5]
-sys.path[:0] = [submission, tests]
-spec = importlib.util.spec_from_file_location(file[:-3], tests + "/" + file)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-if "." in name:
-    cls, method = name.split(".", 1)
-    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=0).run(getattr(module, cls)(method))
-    sys.exit(0 if result.wasSuccessful() else 1)
-getattr(module, name)()
+import importlib.util, os, sys, unittest
+
+
+def main(token, out):
+    tests, submission, file, name = sys.argv[1:5]
+    sys.path[:0] = [submission, tests]
+    spec = importlib.util.spec_from_file_location(file[:-3], tests + "/" + file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if "." in name:
+        cls, method = name.split(".", 1)
+        result = unittest.TestResult()
+        getattr(module, cls)(method).run(result)
+        for _, text in result.failures + result.errors:
+            print(text)
+        if result.testsRun != 1 or result.failures or result.errors or result.skipped:
+            sys.exit(1)
+    else:
+        getattr(module, name)()
+    sys.stdout.flush()
+    os.write(out, token)
+    os._exit(0)
+
+
+main(sys.stdin.buffer.readline().strip(), int(sys.argv[5]))
 """
 
 
@@ -56,12 +74,21 @@ def kill_group(pid: int) -> None:
 
 def run_one(tests: Path, submission: Path, file: str, name: str, seconds: float) -> dict:
     label = f"{file}::{name}"
+    token = secrets.token_hex(16).encode()
+    read_end, write_end = os.pipe()
     try:
-        child = subprocess.Popen([sys.executable, "-B", "-c", CHILD, str(tests), str(submission), file, name],
-                                 cwd="/tmp", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-B", "-c", CHILD, str(tests), str(submission), file, name, str(write_end)],
+            cwd="/tmp", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=(write_end,))
     except OSError as exc:  # e.g. the pids limit reached by a fork bomb
+        os.close(read_end)
         return {"name": label, "outcome": "error", "output": str(exc)}
+    finally:
+        os.close(write_end)
+    with contextlib.suppress(OSError):
+        child.stdin.write(token + b"\n")
+        child.stdin.close()
     timer = threading.Timer(seconds, kill_group, (child.pid,))
     timer.start()
     output = bytearray()
@@ -69,10 +96,16 @@ def run_one(tests: Path, submission: Path, file: str, name: str, seconds: float)
         if len(output) < MAX_TEST_OUTPUT:
             output += chunk[: MAX_TEST_OUTPUT - len(output)]
     code = child.wait()
-    kill_group(child.pid)  # what it left running (it would hold the pipe)
+    kill_group(child.pid)  # what it left running (it would hold the pipes)
     timed_out = not timer.is_alive() and code < 0
     timer.cancel()
-    outcome = "passed" if code == 0 else "timeout" if timed_out else "failed"
+    os.set_blocking(read_end, False)
+    try:
+        reported = os.read(read_end, 64)
+    except OSError:
+        reported = b""
+    os.close(read_end)
+    outcome = "passed" if code == 0 and reported == token else "timeout" if timed_out else "failed"
     return {"name": label, "outcome": outcome, "output": output.decode(errors="replace")}
 
 
