@@ -277,7 +277,7 @@ class Classrooms:
         ])
         shutil.rmtree(self.files_dir / classroom_id, ignore_errors=True)
 
-    async def join(self, user: User, code: object) -> Classroom:
+    async def by_code(self, code: object) -> Classroom:
         if not isinstance(code, str) or not code.strip():
             raise ClassroomError(400, "code is required")
         row = await self._one("SELECT * FROM classrooms WHERE access_code = ?", code.strip().upper())
@@ -286,6 +286,10 @@ class Classrooms:
         classroom = _classroom(row)
         if classroom.archived:
             raise ClassroomError(409, "that classroom is archived")
+        return classroom
+
+    async def join(self, user: User, code: object) -> Classroom:
+        classroom = await self.by_code(code)
         await self.store.transaction([("INSERT INTO classroom_members VALUES (?, ?, 'student', ?)"
                                        " ON CONFLICT (classroom_id, user_id) DO NOTHING",
                                        (classroom.id, user.id, time.time()))])
@@ -401,19 +405,22 @@ class Classrooms:
         root = self.assignment_dir(assignment) / "starter"
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
-    def copy_to(self, assignment: Assignment, workspace: Workspace) -> list[str]:
+    def copy_to(self, assignments: list[Assignment], workspace: Workspace) -> list[str]:
         """Copy the starter files the workspace lacks; those already there stay as they are.
 
-        Blocking (file I/O): run it in an executor. Returns the paths written.
+        All or nothing under the workspace quota (413 before anything is written). Blocking
+        (file I/O): run it in an executor. Returns the paths written.
         """
-        written = []
-        for rel in self.starter_files(assignment):
-            target = f"{assignment.folder}/{rel}"
-            if _exists(workspace, target):
-                continue
-            self._write_starter(assignment, workspace, rel, target)
-            written.append(target)
-        return written
+        missing = [(a, rel) for a in assignments for rel in self.starter_files(a)
+                   if not _exists(workspace, f"{a.folder}/{rel}")]
+        workspace.check_room(sum(self._starter_bytes(a, [rel]) for a, rel in missing))
+        for assignment, rel in missing:
+            self._write_starter(assignment, workspace, rel, f"{assignment.folder}/{rel}")
+        return [f"{a.folder}/{rel}" for a, rel in missing]
+
+    def _starter_bytes(self, assignment: Assignment, files: list[str]) -> int:
+        root = self.assignment_dir(assignment) / "starter"
+        return sum((root / rel).stat().st_size for rel in files)
 
     def restore(self, assignment: Assignment, workspace: Workspace, path: str | None) -> list[dict]:
         """Starter versions back, for one file or all; the student's version is renamed to
@@ -425,6 +432,7 @@ class Classrooms:
                 raise ClassroomError(404, "that file is not one of the assignment's starter files")
             files = [rel]
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        workspace.check_room(self._starter_bytes(assignment, files))  # the backups stay
         restored = []
         for rel in files:
             target = f"{assignment.folder}/{rel}"

@@ -65,6 +65,7 @@ class Settings:
     allowed_hosts: frozenset[str] = LOOPBACK_HOSTS
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     database_url: str = ""  # PostgreSQL, shared by replicas; empty: SQLite in DATA_DIR
+    workspace_quota_mb: int = 0  # 0: none
     grading_concurrency: int = 2  # test runs at once (grading.py); the rest wait
     grading_timeout_seconds: float = 60.0
     grading_test_seconds: float = 10.0
@@ -253,6 +254,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         allowed_hosts=_allowed_hosts(env, host, [frontend, redirect]),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         database_url=_database_url(env),
+        workspace_quota_mb=_int(env, "WORKSPACE_QUOTA_MB", 0),
         grading_concurrency=_int(env, "GRADING_CONCURRENCY", 2, minimum=1),
         grading_timeout_seconds=_float(env, "GRADING_TIMEOUT_SECONDS", 60.0, minimum=1),
         grading_test_seconds=_float(env, "GRADING_TEST_SECONDS", 10.0, minimum=0.5),

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..classrooms import Assignment, Classroom, ClassroomError
 from ..store import User
-from ..workspace import MAX_LISTED_ENTRIES
+from ..workspace import MAX_LISTED_ENTRIES, WorkspaceError
 from .base import BaseHandler, HTTPError
 
 ASSIGNMENT_BODY_BYTES = 2 * 1024 * 1024
@@ -61,20 +61,24 @@ class ClassroomBase(BaseHandler):
             raise HTTPError(404, "no such assignment")
         return classroom, assignment, part
 
-    async def hand_out(self, assignments: list[Assignment], user_ids: list[str]) -> int:
-        """Copy each assignment into each student's workspace; the number of files written."""
-        def copy() -> int:
-            count = 0
+    async def hand_out(self, assignments: list[Assignment], user_ids: list[str]) -> tuple[int, list[str]]:
+        """Copy the assignments into each student's workspace: (files written, the students
+        whose quota they would pass, who got none of them)."""
+        def copy() -> tuple[int, list[str]]:
+            count, over = 0, []
             for user_id in user_ids:
-                workspace = self.services.workspaces.for_user(user_id)
-                for assignment in assignments:
-                    count += len(self.model.copy_to(assignment, workspace))
-            return count
+                try:
+                    count += len(self.model.copy_to(assignments, self.services.workspaces.for_user(user_id)))
+                except WorkspaceError as exc:
+                    if exc.status != 413:
+                        raise
+                    over.append(user_id)
+            return count, over
 
-        written = await self.in_executor(copy)
+        result = await self.in_executor(copy)
         for user_id in user_ids:  # on the IOLoop: the watchers are its connections
             self.services.hub.files.changed(user_id)
-        return written
+        return result
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, ClassroomError):
@@ -103,10 +107,16 @@ class ClassroomsHandler(ClassroomBase):
 
 class JoinHandler(ClassroomBase):
     async def post(self) -> None:
-        classroom = await self.model.join(self.user, self.json_body().get("code"))
-        published = await self.model.assignments(classroom.id, published_only=True)
-        if await self.model.member_role(classroom.id, self.user.id) == "student":
-            await self.hand_out(published, [self.user.id])
+        code = self.json_body().get("code")
+        classroom = await self.model.by_code(code)
+        before = await self.model.member_role(classroom.id, self.user.id)
+        await self.model.join(self.user, code)
+        if before is None:
+            published = await self.model.assignments(classroom.id, published_only=True)
+            _, over = await self.hand_out(published, [self.user.id])
+            if over:  # not joined after all: nothing changed
+                await self.model.remove_participant(classroom, self.user.id)
+                raise HTTPError(413, "the classroom's assignments would pass your workspace quota")
         self.answer(classroom.to_json(False))
 
 
@@ -157,9 +167,11 @@ class ParticipantsHandler(ClassroomBase):
         await self.classroom_for(classroom_id, instructor=True)
         body = self.json_body()
         added = await self.model.add_participant(classroom_id, body.get("email"), body.get("role", "student"))
+        over: list[str] = []
         if added["role"] == "student":
-            await self.hand_out(await self.model.assignments(classroom_id, published_only=True), [added["user_id"]])
-        self.answer(added, 201)
+            _, over = await self.hand_out(await self.model.assignments(classroom_id, published_only=True),
+                                          [added["user_id"]])
+        self.answer(added | {"over_quota": bool(over)}, 201)
 
 
 class ParticipantHandler(ClassroomBase):
@@ -216,8 +228,8 @@ class PublishHandler(ClassroomBase):
         _, assignment, _ = await self.assignment_for(classroom_id, assignment_id, instructor=True)
         assignment = await self.model.publish(assignment, self.json_body().get("due_at"))
         students = await self.model.students(classroom_id)
-        written = await self.hand_out([assignment], students)
-        self.answer(assignment.to_json() | {"students": len(students), "files_written": written})
+        written, over = await self.hand_out([assignment], students)
+        self.answer(assignment.to_json() | {"students": len(students), "files_written": written, "over_quota": over})
 
 
 class WeightHandler(ClassroomBase):
