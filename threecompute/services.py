@@ -8,9 +8,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .classrooms import Classrooms
 from .containers import make_backend
 from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
+from .grading import Grader
 from .identity import OAuthClient, TokenCodec
 from .limits import UserLimits
 from .pty.hub import TerminalHub, TerminalLimits
@@ -36,6 +38,12 @@ class Services:
     rate_limits: dict[str, RateLimiter] = field(default_factory=dict)  # "files", "tabs", "signin"
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
     limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
+    classrooms: Classrooms = field(init=False)
+    grader: Grader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.classrooms = Classrooms(self.store, self.settings)
+        self.grader = Grader(self.settings, self.classrooms)
 
     def user_ref(self, user: User) -> UserRef:
         return UserRef(user_id=user.id, port_start=user.port_start,
@@ -50,6 +58,7 @@ class Services:
         return self.user_ref(record)
 
     def close(self) -> None:
+        self.grader.close()
         self.file_executor.shutdown(wait=True)
         self.store.close()
 
@@ -64,7 +73,8 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
         store=store,
         tokens=TokenCodec(settings.secret, settings.session_days * 86400),
         oauth=OAuthClient(settings),
-        workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),
+        workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None,
+                              quota_bytes=settings.workspace_quota_mb * 2**20),
         backend=backend,
         hub=TerminalHub(backend, TerminalLimits(settings.max_terminals_per_user, settings.max_terminals,
                                                 settings.terminal_open_rate)),

@@ -73,6 +73,13 @@ class Settings:
     file_rate: Rate | None = Rate(50, 500)
     tabs_rate: Rate | None = Rate(20, 200)
     signin_rate: Rate | None = Rate(10, 300)
+    workspace_quota_mb: int = 0  # 0: none
+    grading_concurrency: int = 2  # test runs at once (grading.py); the rest wait
+    grading_timeout_seconds: float = 60.0
+    grading_test_seconds: float = 10.0
+    grading_memory: str = "256m"
+    grading_cpus: float = 0.5
+    grading_pids: int = 64
 
     @property
     def secure_cookies(self) -> bool:
@@ -278,6 +285,13 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(50, 500)),
         tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(20, 200)),
         signin_rate=_rate(env, "SIGNIN_RATE_LIMIT", Rate(10, 300)),
+        workspace_quota_mb=_int(env, "WORKSPACE_QUOTA_MB", 0),
+        grading_concurrency=_int(env, "GRADING_CONCURRENCY", 2, minimum=1),
+        grading_timeout_seconds=_float(env, "GRADING_TIMEOUT_SECONDS", 60.0, minimum=1),
+        grading_test_seconds=_float(env, "GRADING_TEST_SECONDS", 10.0, minimum=0.5),
+        grading_memory=_memory(env, "GRADING_MEMORY", "256m"),
+        grading_cpus=_float(env, "GRADING_CPUS", 0.5, minimum=0.01),
+        grading_pids=_int(env, "GRADING_PIDS", 64, minimum=16),
     )
 
 

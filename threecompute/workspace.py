@@ -260,6 +260,11 @@ class AtomicWriter:
         with self._lock:
             self._discard()
 
+    @property
+    def size(self) -> int:
+        """The bytes written so far."""
+        return os.stat(self._temp).st_size
+
     def _discard(self) -> None:
         if self._done:
             return
@@ -328,9 +333,11 @@ class _ListCache:
 class Workspace:
     """One user's workspace; get it from `Workspaces.for_user`."""
 
-    def __init__(self, root: Path, owner: Owner | None, list_ttl: float, temp_dir: Path) -> None:
+    def __init__(self, root: Path, owner: Owner | None, list_ttl: float, temp_dir: Path,
+                 quota_bytes: int = 0) -> None:
         self.root = root
         self.temp_dir = temp_dir
+        self.quota_bytes = quota_bytes  # 0: no quota
         self._root_real = os.path.realpath(root)
         self._owner = owner
         self._listing = _ListCache(list_ttl)
@@ -384,6 +391,9 @@ class Workspace:
         with self._write_target(parts, make_parents, created) as (parent, name, entry):
             if entry is not None and entry.is_dir:
                 raise WorkspaceError(400, "that is a folder")
+            if self.quota_bytes:
+                replaced = os.stat(name, dir_fd=parent, follow_symlinks=False).st_size if entry else 0
+                self.check_room(os.stat(temp).st_size - replaced)
             os.replace(temp, name, dst_dir_fd=parent)
             os.fsync(parent)  # makes the rename itself survive a crash
         self._listing.invalidate()
@@ -403,6 +413,20 @@ class Workspace:
             if entry is not None and entry.is_link:
                 raise WorkspaceError(400, "a link changed while being written through")
             yield parent, name, entry
+
+    def usage(self) -> int:
+        """The bytes of the workspace's files (links not followed)."""
+        total = 0
+        for folder, _, files in os.walk(self.root):  # os.walk descends no link
+            for name in files:
+                with suppress(OSError):
+                    total += os.lstat(os.path.join(folder, name)).st_size
+        return total
+
+    def check_room(self, extra: int) -> None:
+        """413 when `extra` more bytes would pass WORKSPACE_QUOTA_MB (checked before writing)."""
+        if self.quota_bytes and extra > 0 and self.usage() + extra > self.quota_bytes:
+            raise WorkspaceError(413, f"this would pass the workspace quota of {self.quota_bytes // 2**20} MB")
 
     def remove_empty_folders(self, folders: list[str]) -> None:
         """Undo `created`: remove each folder, deepest first, if it is still an empty folder."""
@@ -707,8 +731,10 @@ def _zip_folder(archive: zipfile.ZipFile, folder_fd: int, prefix: str) -> None:
 class Workspaces:
     """Hands out each user's `Workspace`, creating its folder once, and keeps it (and its cache)."""
 
-    def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25) -> None:
+    def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25,
+                 quota_bytes: int = 0) -> None:
         self.base_dir = base_dir
+        self.quota_bytes = quota_bytes
         # Beside the workspaces (DATA_DIR/tmp), so that renames into them stay on one filesystem.
         self.temp_base = base_dir.parent / "tmp"
         self._owner = owner
@@ -722,9 +748,18 @@ class Workspaces:
             workspace = self._workspaces.get(user_id)
             if workspace is None:
                 workspace = Workspace(self._make_root(user_id), self._owner, self._list_ttl,
-                                      self._make_temp_dir(user_id))
+                                      self._make_temp_dir(user_id), self.quota_bytes)
                 self._workspaces[user_id] = workspace
             return workspace
+
+    def remove(self, user_id: str) -> None:
+        """Delete the user's workspace and temporary folder (links inside are not followed)."""
+        with self._lock:
+            self._workspaces.pop(user_id, None)
+            if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:
+                raise WorkspaceError(400, f"bad user id: {user_id!r}")
+            shutil.rmtree(self.base_dir / user_id, ignore_errors=True)
+            shutil.rmtree(self.temp_base / user_id, ignore_errors=True)
 
     def _make_temp_dir(self, user_id: str) -> Path:
         """The user's temporary folder, emptied of what an earlier run left half-written.

@@ -256,6 +256,18 @@ class DockerBackend(ContainerBackend):
         finally:
             self._starting.discard(user.user_id)
 
+    async def remove_user(self, user: UserRef) -> None:
+        async with self._user_locks[user.user_id], self.cluster.lock(f"user:{user.user_id}"):
+            await self._run(self._remove_user, user.user_id)
+
+    def _remove_user(self, client: docker.DockerClient, user_id: str) -> None:
+        found = client.api.containers(all=True, filters={"label": self._labels_filter(user_id)})
+        for container in found:
+            self._remove_quietly(client, container["Id"])
+        if any(c["State"] == "running" for c in found):
+            self._running = max(0, self._running - 1)
+        self._ids.pop(user_id, None)
+
     async def _reserve(self, user_id: str) -> None:
         """Refuse a new running container past MAX_CONTAINERS; others are not affected.
 
