@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 5555
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: ttyd-deps setup run test test-fast lint image engine browser cluster-deps cluster cluster-down cluster-status bench loadtest clean web
+.PHONY: ttyd-deps setup run test test-fast lint image engine browser cluster-deps cluster cluster-down cluster-status bench loadtest soak clean web
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ test-fast: setup ## the suite without the Docker tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+SOAK_ARGS ?=
+soak: $(VENV)/.bench-installed image ## 100 users x 2 tabs for 15 min with faults (SOAK_ARGS="--duration 300 --faults exec,disk")
+	$(PY) scripts/soak.py --spawn docker --out results/soak.json $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """3Compute backend entry point: flags -> Settings -> services -> app -> IOLoop.
 
-    python server.py [--host HOST] [--port PORT] [--debug] [--dev] [--backend docker|local]
+    python server.py [--host HOST] [--port PORT] [--debug] [--dev] [--backend docker|swarm|local]
 """
 
 from __future__ import annotations

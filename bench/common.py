@@ -289,6 +289,12 @@ class HostCpu:
 # -- the server under test -----------------------------------------------------------------
 
 
+# Benchmarks measure raw capacity (50 terminals a user, a file API hammered from one
+# account), so the per-user and per-IP limits are off for them; the load test keeps them.
+LIMITS_OFF = {"MAX_TERMINALS_PER_USER": "100000", "MAX_TERMINALS": "100000", "TERMINAL_OPEN_RATE_LIMIT": "off",
+              "FILE_RATE_LIMIT": "off", "TABS_RATE_LIMIT": "off", "SIGNIN_RATE_LIMIT": "off"}
+
+
 @dataclass
 class ServerProcess:
     """`server.py --dev` in its own process on loopback, with its own DATA_DIR."""
@@ -298,6 +304,7 @@ class ServerProcess:
     port: int
     port_base: int
     proc: subprocess.Popen | None = None
+    limits_off: bool = True
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -335,7 +342,7 @@ class ServerProcess:
             "IDLE_TIMEOUT_SECONDS": "3600",
             "IDLE_POLL_SECONDS": "3600",
             "PYTHONUNBUFFERED": "1",
-        } | extra
+        } | (LIMITS_OFF if self.limits_off else {}) | extra
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         args = [sys.executable, str(ROOT / "server.py"), "--dev", "--host", "127.0.0.1",
@@ -419,11 +426,12 @@ def remove_tmux_sockets(deployment: str) -> None:
 
 @contextlib.contextmanager
 def running_server(backend: str = "docker", port_block: int = 300,
-                   extra_env: dict[str, str] | None = None, keep: bool = False) -> Iterator[ServerProcess]:
+                   extra_env: dict[str, str] | None = None, keep: bool = False,
+                   limits_off: bool = True) -> Iterator[ServerProcess]:
     """A fresh server; on the way out (even on failure) it is stopped and its deployment removed."""
     port, port_base = free_port(), free_port_block(port_block)
     root = Path(tempfile.mkdtemp(prefix="3compute-bench-"))
-    server = ServerProcess(backend=backend, root=root, port=port, port_base=port_base)
+    server = ServerProcess(backend=backend, root=root, port=port, port_base=port_base, limits_off=limits_off)
     try:
         server.start(extra_env)
         print(f"server {server.base_url} (pid {server.pid}, backend {backend}, deployment {server.deployment}, "

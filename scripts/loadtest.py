@@ -605,7 +605,7 @@ def check_bounds(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.spawn:
-        with running_server(args.spawn, port_block=max(300, args.users * 10 + 100)) as server:
+        with running_server(args.spawn, port_block=max(300, args.users * 10 + 100), limits_off=False) as server:
             args.url = server.base_url
             return asyncio.run(drive(args, server.pid))
     require_loopback(args.url)

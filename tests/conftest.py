@@ -162,9 +162,20 @@ def database_url() -> str:
 
 
 @pytest.fixture
-def server_env(data_dir, provider, http_port, database_url) -> dict[str, str]:
+def limits_env() -> dict[str, str]:
+    """Rate-limit settings of the server under test: the defaults, unless a module that floods
+    the server on purpose (to test something else) turns them off."""
+    return {}
+
+
+NO_RATE_LIMITS = {"FILE_RATE_LIMIT": "off", "TABS_RATE_LIMIT": "off", "SIGNIN_RATE_LIMIT": "off",
+                  "TERMINAL_OPEN_RATE_LIMIT": "off"}
+
+
+@pytest.fixture
+def server_env(data_dir, provider, http_port, database_url, limits_env) -> dict[str, str]:
     extra = {"DATABASE_URL": database_url} if database_url else {}
-    return test_environ(data_dir, provider, http_port, **extra)
+    return test_environ(data_dir, provider, http_port, **extra, **limits_env)
 
 
 # -- a private PostgreSQL ---------------------------------------------------------------

@@ -613,6 +613,8 @@ def test_a_container_full_of_orphaned_clients_recovers_when_its_user_returns(eng
     restarted = DockerBackend(settings)
     box = asyncio.run(restarted.ensure(user))
     assert wait_until(lambda: tmux_client_count(restarted, box.ref) == 0), process_names(restarted, box.ref)
+    # The hung-up clients' pids go back to the cgroup once their exec's shim has reaped them.
+    assert wait_until(lambda: pids_in_use(restarted, box.ref) < 24, timeout=20), pids_in_use(restarted, box.ref)
     proc = ptyprocess.PtyProcess.spawn(restarted.attach_command(box, "1", "returned01").argv, dimensions=(24, 80))
     try:
         proc.write(b"echo back-$((40+2))\r")

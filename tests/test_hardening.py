@@ -22,7 +22,7 @@ from threecompute.handlers.auth import dev_user_id
 from threecompute.limits import MAX_UPLOADS_PER_USER
 from threecompute.workspace import MAX_LISTED_ENTRIES
 
-from .conftest import Client, body_json
+from .conftest import NO_RATE_LIMITS, Client, body_json
 from .test_files import snapshot, upload
 
 ATTACKER = "attacker@example.com"
@@ -30,6 +30,12 @@ BYSTANDER = "bystander@example.com"
 P95_BOUND = 0.100
 SHORT_TIMEOUT = 2.0
 
+
+
+@pytest.fixture
+def limits_env() -> dict[str, str]:
+    """This module floods the server on purpose; the rate limits have tests of their own."""
+    return NO_RATE_LIMITS
 
 @pytest.fixture
 def http_server_options() -> dict:

@@ -14,6 +14,7 @@ import pytest
 
 from threecompute.handlers.auth import dev_user_id
 
+from .conftest import NO_RATE_LIMITS
 from .terminal_client import TerminalClient
 from .test_socketio import Term
 
@@ -98,6 +99,12 @@ class SocketIOTab:
 
 TRANSPORTS: dict[str, Callable] = {"websocket": WebSocketTab, "socketio": SocketIOTab}
 
+
+
+@pytest.fixture
+def limits_env() -> dict[str, str]:
+    """This module floods the server on purpose; the rate limits have tests of their own."""
+    return NO_RATE_LIMITS
 
 @pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
 def server_flags(request) -> list[str]:

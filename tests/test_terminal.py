@@ -283,3 +283,14 @@ async def test_upload_folder_move_into_changes_the_open_tabs_folder(client):
     await asyncio.sleep(0.2)
     await term.run("echo at:$(basename $PWD):end", "at:proj:end")
     term.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_exit_closes_with_1000_and_no_error_frame(client):
+    term = await TerminalClient.open(await signed_in(client, "leaver@example.com"))
+    await term.run("echo bye-$((1+1))", "bye-2")
+    await term.type("exit\r")
+    frames = []
+    while (message := await term.connection.read_message()) is not None:
+        frames.append(json.loads(message)["type"])
+    assert term.connection.close_code == 1000 and "error" not in frames and term.errors == []

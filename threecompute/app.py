@@ -16,6 +16,7 @@ from tornado.log import access_log
 
 from .handlers import auth, files, ops, terminal, webhook
 from .handlers.base import BaseHandler, HTTPError, PreflightHandler
+from .handlers.classrooms import classroom_routes
 from .handlers.socketio import socketio_routes
 from .handlers.web import web_routes
 from .services import Services
@@ -46,7 +47,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     route = app.route_of(handler) if isinstance(app, Application) else "other"
     if isinstance(app, Application):
         app.services.metrics.request_done(route, request.method or "", status, request.request_time())
-    if status < 400 and request.path in QUIET_PATHS:
+    # 429s are logged once per client and interval by the limiter, not once per request.
+    if status < 400 and request.path.removeprefix("/api") in QUIET_PATHS or status == 429:
         level = logging.DEBUG
     else:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
@@ -144,11 +146,12 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),
     ]
+    routes += classroom_routes()
+    api = [(pattern, handler, {"services": services}) for pattern, handler in routes] + socketio_routes(services)
     return Application(
         services,
-        [(pattern, handler, {"services": services}) for pattern, handler in routes]
-        + web_routes(services)
-        + socketio_routes(services),
+        # Every API route under /api/ too (the frontend's convention); the pages stay where they are.
+        api + [(f"/api{pattern}", handler, args) for pattern, handler, args in api] + web_routes(services),
         default_handler_class=NotFoundHandler,
         default_handler_args={"services": services},
         websocket_max_message_size=terminal.MAX_FRAME_BYTES,

@@ -44,8 +44,8 @@ class LiveCollector(Collector):
     """Gauges and counters computed from the hub's and the backend's own figures on scrape."""
 
     def __init__(self, hub: Callable[[], dict[str, float]], backend: Callable[[], dict[str, float]],
-                 errors: Callable[[], dict[str, float]]) -> None:
-        self._hub, self._backend, self._errors = hub, backend, errors
+                 errors: Callable[[], dict[str, float]], refusals: Callable[[], dict[str, float]]) -> None:
+        self._hub, self._backend, self._errors, self._refusals = hub, backend, errors, refusals
 
     def collect(self) -> Iterator[Metric]:
         hub, backend = self._hub(), self._backend()
@@ -65,6 +65,12 @@ class LiveCollector(Collector):
         for kind, value in self._errors().items():
             errors.add_metric([kind], value)
         yield errors
+        refused = CounterMetricFamily("threecompute_refused", "Requests and terminals refused by a limit, by limit",
+                                      labels=["limit"])
+        refused.add_metric(["terminals"], hub.get("terminals_refused_total", 0))
+        for limit, value in self._refusals().items():
+            refused.add_metric([limit], value)
+        yield refused
 
 
 class Metrics:
@@ -99,8 +105,10 @@ class Metrics:
         for outcome in ("ok", "failed"):
             self.deploy_seconds.labels(outcome)
 
-    def watch(self, hub: Callable[[], dict[str, float]], backend: Callable[[], dict[str, float]]) -> None:
-        self.registry.register(LiveCollector(hub, backend, lambda: {"http_5xx": self.http_errors}))
+    def watch(self, hub: Callable[[], dict[str, float]], backend: Callable[[], dict[str, float]],
+              refusals: Callable[[], dict[str, float]] = dict) -> None:
+        """Figures read from the hub, the backend and the rate limiters on every scrape."""
+        self.registry.register(LiveCollector(hub, backend, lambda: {"http_5xx": self.http_errors}, refusals))
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_seconds.labels(route, method, str(status)).observe(seconds)

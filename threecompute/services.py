@@ -8,13 +8,16 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .classrooms import Classrooms
 from .containers import make_backend
 from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
+from .grading import Grader
 from .identity import OAuthClient, TokenCodec
 from .limits import UserLimits
 from .metrics import Metrics
-from .pty.hub import TerminalHub
+from .pty.hub import TerminalHub, TerminalLimits
+from .ratelimit import RateLimiter
 from .settings import Settings
 from .store import Store, User, open_store
 from .workspace import Workspaces
@@ -33,9 +36,16 @@ class Services:
     hub: TerminalHub
     deployer: Deployer
     file_executor: ThreadPoolExecutor
+    rate_limits: dict[str, RateLimiter] = field(default_factory=dict)  # "files", "tabs", "signin"
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
     limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
     metrics: Metrics = field(default_factory=Metrics)
+    classrooms: Classrooms = field(init=False)
+    grader: Grader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.classrooms = Classrooms(self.store, self.settings)
+        self.grader = Grader(self.settings, self.classrooms)
 
     def user_ref(self, user: User) -> UserRef:
         return UserRef(user_id=user.id, port_start=user.port_start,
@@ -50,6 +60,7 @@ class Services:
         return self.user_ref(record)
 
     def close(self) -> None:
+        self.grader.close()
         self.file_executor.shutdown(wait=True)
         self.store.close()
 
@@ -60,17 +71,23 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
     store = open_store(settings)
     backend.use_cluster(store.cluster())
     metrics = Metrics()
-    hub = TerminalHub(backend, metrics)
-    metrics.watch(hub.metrics, backend.metrics)
+    hub = TerminalHub(backend, TerminalLimits(settings.max_terminals_per_user, settings.max_terminals,
+                                              settings.terminal_open_rate), metrics)
+    rate_limits = {"files": RateLimiter(settings.file_rate), "tabs": RateLimiter(settings.tabs_rate),
+                   "signin": RateLimiter(settings.signin_rate)}
+    metrics.watch(hub.metrics, backend.metrics,
+                  lambda: {kind: limiter.refused for kind, limiter in rate_limits.items()})
     return Services(
         settings=settings,
         store=store,
         tokens=TokenCodec(settings.secret, settings.session_days * 86400),
         oauth=OAuthClient(settings),
-        workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None),
+        workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None,
+                              quota_bytes=settings.workspace_quota_mb * 2**20),
         backend=backend,
         hub=hub,
         deployer=Deployer(settings.deploy_command, metrics.deployed),
         file_executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="files"),
         metrics=metrics,
+        rate_limits=rate_limits,
     )

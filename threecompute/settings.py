@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .containers.backend import PORTS_PER_USER
+from .ratelimit import Rate
 
 GOOGLE_AUTHORIZE_URL = "https://accounts.google.com/o/oauth2/v2/auth"
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
@@ -66,6 +67,20 @@ class Settings:
     allowed_hosts: frozenset[str] = LOOPBACK_HOSTS
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     database_url: str = ""  # PostgreSQL, shared by replicas; empty: SQLite in DATA_DIR
+    # Limits per user (terminals, file API, tab saves) and per client IP (sign-in); None: off.
+    max_terminals_per_user: int = 20
+    max_terminals: int = 1000
+    terminal_open_rate: Rate | None = Rate(5, 60)
+    file_rate: Rate | None = Rate(50, 500)
+    tabs_rate: Rate | None = Rate(20, 200)
+    signin_rate: Rate | None = Rate(10, 300)
+    workspace_quota_mb: int = 0  # 0: none
+    grading_concurrency: int = 2  # test runs at once (grading.py); the rest wait
+    grading_timeout_seconds: float = 60.0
+    grading_test_seconds: float = 10.0
+    grading_memory: str = "256m"
+    grading_cpus: float = 0.5
+    grading_pids: int = 64
 
     @property
     def secure_cookies(self) -> bool:
@@ -104,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", default="5555", help="listen port (default 5555)")
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     parser.add_argument("--dev", action="store_true", help="development mode (dev-login, no Secure cookie)")
-    parser.add_argument("--backend", default="docker", choices=["docker", "local"], help="where terminals run")
+    parser.add_argument("--backend", default="docker", choices=["docker", "swarm", "local"], help="where terminals run")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="text lines (default) or one JSON object per line")
     return parser.parse_args(argv)
@@ -142,6 +157,23 @@ def _memory(env: Mapping[str, str], name: str, default: str) -> str:
     if not digits.isdigit() or int(digits) <= 0:
         raise ConfigError(f"{name} must be a size such as 512m or 1g, got {raw!r}")
     return raw
+
+
+def _rate(env: Mapping[str, str], name: str, default: Rate) -> Rate | None:
+    """`RATE/BURST` (events a second, events at once), or `off`."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw == "off":
+        return None
+    rate, _, burst = raw.partition("/")
+    try:
+        parsed = Rate(float(rate), int(burst))
+    except ValueError:
+        raise ConfigError(f"{name} must be RATE/BURST such as 20/100, or off; got {raw!r}") from None
+    if not parsed.per_second > 0 or parsed.burst < 1:  # also refuses NaN
+        raise ConfigError(f"{name} needs a rate above 0 and a burst of at least 1, got {raw!r}")
+    return parsed
 
 
 def _port(raw: str, name: str) -> int:
@@ -251,6 +283,19 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         allowed_hosts=_allowed_hosts(env, host, [frontend, redirect]),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         database_url=_database_url(env),
+        max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 20, minimum=1),
+        max_terminals=_int(env, "MAX_TERMINALS", 1000, minimum=1),
+        terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(5, 60)),
+        file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(50, 500)),
+        tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(20, 200)),
+        signin_rate=_rate(env, "SIGNIN_RATE_LIMIT", Rate(10, 300)),
+        workspace_quota_mb=_int(env, "WORKSPACE_QUOTA_MB", 0),
+        grading_concurrency=_int(env, "GRADING_CONCURRENCY", 2, minimum=1),
+        grading_timeout_seconds=_float(env, "GRADING_TIMEOUT_SECONDS", 60.0, minimum=1),
+        grading_test_seconds=_float(env, "GRADING_TEST_SECONDS", 10.0, minimum=0.5),
+        grading_memory=_memory(env, "GRADING_MEMORY", "256m"),
+        grading_cpus=_float(env, "GRADING_CPUS", 0.5, minimum=0.01),
+        grading_pids=_int(env, "GRADING_PIDS", 64, minimum=16),
     )
 
 

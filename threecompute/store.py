@@ -81,6 +81,74 @@ MIGRATIONS = [
         received_at REAL NOT NULL
     );
     """,
+    # Classrooms (classrooms.py): roles beyond ADMIN_EMAILS, teacher sign-up, classes, grades.
+    """
+    CREATE TABLE user_roles (
+        user_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL
+    );
+    CREATE TABLE teacher_allowlist (
+        email TEXT PRIMARY KEY,
+        added_by TEXT NOT NULL,
+        added_at REAL NOT NULL
+    );
+    CREATE TABLE teacher_codes (
+        code_hash TEXT PRIMARY KEY,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        max_uses INTEGER NOT NULL,
+        uses INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE classrooms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        owner_id TEXT NOT NULL,
+        access_code TEXT NOT NULL UNIQUE,
+        archived INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE classroom_members (
+        classroom_id TEXT NOT NULL REFERENCES classrooms (id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        joined_at REAL NOT NULL,
+        PRIMARY KEY (classroom_id, user_id)
+    );
+    CREATE TABLE assignments (
+        id TEXT PRIMARY KEY,
+        classroom_id TEXT NOT NULL REFERENCES classrooms (id) ON DELETE CASCADE,
+        slug TEXT NOT NULL,
+        name TEXT NOT NULL,
+        published INTEGER NOT NULL DEFAULT 0,
+        due_at REAL,
+        created_at REAL NOT NULL,
+        weight REAL NOT NULL DEFAULT 1,
+        UNIQUE (classroom_id, slug)
+    );
+    CREATE TABLE manual_scores (
+        assignment_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        score REAL NOT NULL,
+        set_by TEXT NOT NULL,
+        set_at REAL NOT NULL,
+        PRIMARY KEY (assignment_id, user_id)
+    );
+    CREATE TABLE grade_runs (
+        id TEXT PRIMARY KEY,
+        assignment_id TEXT NOT NULL REFERENCES assignments (id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        ran_by TEXT NOT NULL,
+        ran_at REAL NOT NULL,
+        status TEXT NOT NULL,
+        passed INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        score REAL NOT NULL,
+        tests TEXT NOT NULL,
+        output TEXT NOT NULL
+    );
+    CREATE INDEX grade_runs_latest ON grade_runs (assignment_id, user_id, ran_at);
+    """,
 ]
 
 
@@ -99,6 +167,10 @@ class StoreError(Exception):
 
 class NoPortsLeft(Exception):
     """Every block of ports from PORT_BASE up to 65535 belongs to a user: no new user fits."""
+
+
+class StoreFull(StoreError):
+    """The disk under the database is full: nothing was written; reads still work."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +244,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def count_users(self) -> int: ...
+
+    @abc.abstractmethod
+    async def transaction(self, statements: list[tuple[str, tuple]]) -> list[list[dict]]:
+        """Run `statements` (SQL with `?` placeholders, the same on both engines) in one
+        transaction; the rows each returned (`RETURNING` included), as dicts."""
 
     def _checked_slot(self, slot: int) -> int:
         """The lowest free slot, if its 10 ports still fit below 65536."""
@@ -262,6 +339,8 @@ class SqliteStore(Store):
         try:
             return fn(self._connection())
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise StoreFull(f"database error: {exc}") from exc
             raise StoreError(f"database error: {exc}") from exc
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -269,10 +348,13 @@ class SqliteStore(Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) can leave the transaction open, or SQLite may
+                # have rolled it back itself; either way the connection must be usable after.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return result
 
         return self._call(transaction)
@@ -373,4 +455,10 @@ class SqliteStore(Store):
 
     async def count_users(self) -> int:
         return await self._run(lambda: self._call(lambda c: c.execute("SELECT COUNT(*) FROM users").fetchone()[0]))
+
+    async def transaction(self, statements: list[tuple[str, tuple]]) -> list[list[dict]]:
+        def write(conn: sqlite3.Connection) -> list[list[dict]]:
+            return [[dict(row) for row in conn.execute(sql, params).fetchall()] for sql, params in statements]
+
+        return await self._run(lambda: self._write(write))
 

@@ -278,6 +278,17 @@ class PostgresStore(Store):
 
         return await self._run(read)
 
+    async def transaction(self, statements: list[tuple[str, tuple]]) -> list[list[dict]]:
+        async def write(conn: psycopg.AsyncConnection) -> list[list[dict]]:
+            results = []
+            async with conn.transaction():
+                for sql, params in statements:
+                    cursor = await conn.execute(sql.replace("?", "%s"), params)
+                    results.append(list(await cursor.fetchall()) if cursor.description else [])
+            return results
+
+        return await self._run(write)
+
     # -- revoked tokens -------------------------------------------------------------------
 
     async def revoke(self, jti: str, expires_at: float) -> None:

@@ -24,7 +24,7 @@ class FrameError(ValueError):
 def parse_frame(message: str | bytes) -> dict:
     try:
         frame = json.loads(message)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested deeper than Python's stack
         raise FrameError("frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise FrameError("frame must be a JSON object")

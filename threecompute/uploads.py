@@ -69,6 +69,10 @@ class UploadBatch:
             self.parser.finish()
             if not self._held:
                 raise WorkspaceError(400, f"no files in the '{FILE_FIELD}' field")
+            for held in self._held:  # every file on disk first: a full disk fails the batch, not half of it
+                held.writer.sync()
+            # Judged whole, before any file lands (the files they replace are not deducted).
+            self.workspace.check_room(sum(held.writer.size for held in self._held))
             for held in self._held:
                 held.writer.commit()
             return len(self._held)

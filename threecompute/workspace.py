@@ -10,7 +10,9 @@ final name relative to that descriptor, never following a link it has not checke
 swapped in half-way through a request can therefore not redirect it outside.
 
 Nothing here knows HTTP: failures are `WorkspaceError(status, message)` with a status of 400,
-404 or 409, which the handlers turn into JSON errors. Calls are synchronous and thread-safe;
+404, 409, or 507 when the disk (or the quota) is full, which the handlers turn into JSON
+errors. A write that fails for lack of space leaves nothing behind: its temporary file is
+removed, and the file it would have replaced is untouched. Calls are synchronous and thread-safe;
 the handlers run them in an executor.
 """
 
@@ -51,6 +53,7 @@ IMAGE_TYPES = frozenset({
 # The listing answers at most this many entries (shallowest first); see `Listing`.
 MAX_LISTED_ENTRIES = 10_000
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+DISK_FULL = "no space left on the server's disk"
 _ERRNO_ANSWERS = {
     errno.ENOENT: (404, "no such file or folder"),
     errno.ENOTDIR: (404, "no such file or folder"),
@@ -62,13 +65,15 @@ _ERRNO_ANSWERS = {
     errno.EINVAL: (400, "invalid path"),
     errno.EACCES: (400, "permission denied"),
     errno.EPERM: (400, "permission denied"),
+    errno.ENOSPC: (507, DISK_FULL),
+    errno.EDQUOT: (507, DISK_FULL),
 }
 
 Owner = tuple[int, int]
 
 
 class WorkspaceError(Exception):
-    """A request the workspace refuses; `status` is 400, 404 or 409."""
+    """A request the workspace refuses; `status` is 400, 404, 409 or 507."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -109,6 +114,11 @@ def _split_path(rel: str) -> list[str]:
     """The components of a workspace-relative path; a leading `/` means the root."""
     if "\x00" in rel or "\\" in rel:
         raise WorkspaceError(400, "path contains a NUL byte or a backslash")
+    if not rel.isascii():
+        try:  # a JSON body can carry lone surrogates, which no file name can hold
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WorkspaceError(400, "path is not valid Unicode") from None
     parts = [part for part in rel.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise WorkspaceError(400, "path contains '..'")
@@ -201,12 +211,14 @@ class AtomicWriter:
             self.abort()
             raise
 
+    @_os_errors()
     def write(self, data: bytes) -> None:
         with self._lock:
             if self._file is None:
                 raise ValueError("writer already closed")
             self._file.write(data)
 
+    @_os_errors()
     def close(self) -> None:
         """No more bytes: flush them to disk and give back the descriptor."""
         with self._lock:
@@ -220,6 +232,16 @@ class AtomicWriter:
                 os.fsync(file.fileno())
             finally:
                 file.close()
+
+    @_os_errors()
+    def sync(self) -> None:
+        """Everything written on disk and the writing ended (a full disk shows here at the
+        latest); aborts on failure."""
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
     @_os_errors()
     def commit(self) -> None:
@@ -238,13 +260,19 @@ class AtomicWriter:
         with self._lock:
             self._discard()
 
+    @property
+    def size(self) -> int:
+        """The bytes written so far."""
+        return os.stat(self._temp).st_size
+
     def _discard(self) -> None:
         if self._done:
             return
         self._done = True
         file, self._file = self._file, None
         if file is not None:
-            file.close()
+            with suppress(OSError):  # closing flushes what is buffered, which fails again on a full disk
+                file.close()
         with suppress(FileNotFoundError):
             os.unlink(self._temp)
 
@@ -305,9 +333,11 @@ class _ListCache:
 class Workspace:
     """One user's workspace; get it from `Workspaces.for_user`."""
 
-    def __init__(self, root: Path, owner: Owner | None, list_ttl: float, temp_dir: Path) -> None:
+    def __init__(self, root: Path, owner: Owner | None, list_ttl: float, temp_dir: Path,
+                 quota_bytes: int = 0) -> None:
         self.root = root
         self.temp_dir = temp_dir
+        self.quota_bytes = quota_bytes  # 0: no quota
         self._root_real = os.path.realpath(root)
         self._owner = owner
         self._listing = _ListCache(list_ttl)
@@ -361,6 +391,9 @@ class Workspace:
         with self._write_target(parts, make_parents, created) as (parent, name, entry):
             if entry is not None and entry.is_dir:
                 raise WorkspaceError(400, "that is a folder")
+            if self.quota_bytes:
+                replaced = os.stat(name, dir_fd=parent, follow_symlinks=False).st_size if entry else 0
+                self.check_room(os.stat(temp).st_size - replaced)
             os.replace(temp, name, dst_dir_fd=parent)
             os.fsync(parent)  # makes the rename itself survive a crash
         self._listing.invalidate()
@@ -380,6 +413,20 @@ class Workspace:
             if entry is not None and entry.is_link:
                 raise WorkspaceError(400, "a link changed while being written through")
             yield parent, name, entry
+
+    def usage(self) -> int:
+        """The bytes of the workspace's files (links not followed)."""
+        total = 0
+        for folder, _, files in os.walk(self.root):  # os.walk descends no link
+            for name in files:
+                with suppress(OSError):
+                    total += os.lstat(os.path.join(folder, name)).st_size
+        return total
+
+    def check_room(self, extra: int) -> None:
+        """413 when `extra` more bytes would pass WORKSPACE_QUOTA_MB (checked before writing)."""
+        if self.quota_bytes and extra > 0 and self.usage() + extra > self.quota_bytes:
+            raise WorkspaceError(413, f"this would pass the workspace quota of {self.quota_bytes // 2**20} MB")
 
     def remove_empty_folders(self, folders: list[str]) -> None:
         """Undo `created`: remove each folder, deepest first, if it is still an empty folder."""
@@ -684,8 +731,10 @@ def _zip_folder(archive: zipfile.ZipFile, folder_fd: int, prefix: str) -> None:
 class Workspaces:
     """Hands out each user's `Workspace`, creating its folder once, and keeps it (and its cache)."""
 
-    def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25) -> None:
+    def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25,
+                 quota_bytes: int = 0) -> None:
         self.base_dir = base_dir
+        self.quota_bytes = quota_bytes
         # Beside the workspaces (DATA_DIR/tmp), so that renames into them stay on one filesystem.
         self.temp_base = base_dir.parent / "tmp"
         self._owner = owner
@@ -693,14 +742,24 @@ class Workspaces:
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}
 
+    @_os_errors()
     def for_user(self, user_id: str) -> Workspace:
         with self._lock:
             workspace = self._workspaces.get(user_id)
             if workspace is None:
                 workspace = Workspace(self._make_root(user_id), self._owner, self._list_ttl,
-                                      self._make_temp_dir(user_id))
+                                      self._make_temp_dir(user_id), self.quota_bytes)
                 self._workspaces[user_id] = workspace
             return workspace
+
+    def remove(self, user_id: str) -> None:
+        """Delete the user's workspace and temporary folder (links inside are not followed)."""
+        with self._lock:
+            self._workspaces.pop(user_id, None)
+            if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:
+                raise WorkspaceError(400, f"bad user id: {user_id!r}")
+            shutil.rmtree(self.base_dir / user_id, ignore_errors=True)
+            shutil.rmtree(self.temp_base / user_id, ignore_errors=True)
 
     def _make_temp_dir(self, user_id: str) -> Path:
         """The user's temporary folder, emptied of what an earlier run left half-written.

@@ -38,7 +38,7 @@ def clean_folder(folder: str) -> str:
 
 
 def make_backend(settings: Settings) -> ContainerBackend:
-    """The backend chosen by `settings.backend` ("docker" or "local")."""
+    """The backend chosen by `settings.backend` ("docker", "swarm" or "local")."""
     if settings.backend == "local":
         from threecompute.containers.local import LocalBackend
 
@@ -47,6 +47,10 @@ def make_backend(settings: Settings) -> ContainerBackend:
         from threecompute.containers.docker import DockerBackend
 
         return DockerBackend(settings)
+    if settings.backend == "swarm":
+        from threecompute.containers.swarm import SwarmBackend
+
+        return SwarmBackend(settings)
     raise ValueError(f"unknown backend: {settings.backend!r}")
 
 

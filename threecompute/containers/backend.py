@@ -76,6 +76,9 @@ class ContainerBackend(abc.ABC):
         For tests and operators tearing a deployment down; the server itself never calls it.
         """
 
+    async def remove_user(self, user: UserRef) -> None:
+        """Remove the user's box and everything running in it; nothing if there is none."""
+
     @abc.abstractmethod
     async def ensure(self, user: UserRef) -> Box:
         """Make the user's box ready (create, start or reuse). Raises BackendError."""

@@ -256,6 +256,18 @@ class DockerBackend(ContainerBackend):
         finally:
             self._starting.discard(user.user_id)
 
+    async def remove_user(self, user: UserRef) -> None:
+        async with self._user_locks[user.user_id], self.cluster.lock(f"user:{user.user_id}"):
+            await self._run(self._remove_user, user.user_id)
+
+    def _remove_user(self, client: docker.DockerClient, user_id: str) -> None:
+        found = client.api.containers(all=True, filters={"label": self._labels_filter(user_id)})
+        for container in found:
+            self._remove_quietly(client, container["Id"])
+        if any(c["State"] == "running" for c in found):
+            self._running = max(0, self._running - 1)
+        self._ids.pop(user_id, None)
+
     async def _reserve(self, user_id: str) -> None:
         """Refuse a new running container past MAX_CONTAINERS; others are not affected.
 
@@ -456,7 +468,7 @@ class DockerBackend(ContainerBackend):
         script = ATTACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id),
                                       session=tmux_session_name(tab_id))
         self._live_clients.add(client_id)
-        argv = [self.docker_cli, *self._cli_host_args(), "exec", "-it", "-e", "TERM=xterm-256color",
+        argv = [self.docker_cli, *self._cli_host_args(box.ref), "exec", "-it", "-e", "TERM=xterm-256color",
                 "-w", "/app", box.ref, "sh", "-c", script]
         return AttachCommand(argv=argv)
 
@@ -539,8 +551,9 @@ class DockerBackend(ContainerBackend):
         output = client.api.exec_start(result["Id"])
         return output.decode(errors="replace") if isinstance(output, bytes) else ""
 
-    def _cli_host_args(self) -> list[str]:
-        """`-H <url>` when the engine is not the default one, so the CLI finds the same engine."""
+    def _cli_host_args(self, ref: str | None = None) -> list[str]:
+        """`-H <url>` when the engine is not the default one, so the CLI finds the same engine
+        (the one that runs container `ref`)."""
         url = self._engine_url()
         return [] if url == DEFAULT_DOCKER_HOST else ["-H", url]
 

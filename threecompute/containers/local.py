@@ -69,6 +69,10 @@ class LocalBackend(ContainerBackend):
             await proc.wait()
             sock.unlink(missing_ok=True)  # tmux leaves the socket file behind
 
+    async def remove_user(self, user: UserRef) -> None:
+        await self._tmux(user, "kill-server")
+        (self.socket_dir() / self.socket_name(user.user_id)).unlink(missing_ok=True)
+
     async def ensure(self, user: UserRef) -> Box:
         user.workspace.mkdir(parents=True, exist_ok=True)
         return Box(user=user, ref=str(user.workspace))

@@ -41,7 +41,15 @@ class SessionCookieMixin(BaseHandler):
         self.services.metrics.sign_ins.labels(method).inc()
 
 
-class LoginHandler(SessionCookieMixin):
+class SignInHandler(SessionCookieMixin):
+    """The sign-in paths: rate-limited per client IP (each may reach the provider and the store)."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.limit("signin", self.client_ip())
+
+
+class LoginHandler(SignInHandler):
     def get(self) -> None:
         url, state = self.services.oauth.authorization_url()
         self.set_cookie(STATE_COOKIE, state, expires_days=1 / 144, httponly=True, samesite="Lax",
@@ -56,7 +64,7 @@ class LoginHandler(SessionCookieMixin):
         self.redirect(url)
 
 
-class CallbackHandler(SessionCookieMixin):
+class CallbackHandler(SignInHandler):
     async def get(self) -> None:
         expected = self.get_cookie(STATE_COOKIE) or ""
         state = self.get_query_argument("state", "")
@@ -89,7 +97,7 @@ class CallbackHandler(SessionCookieMixin):
         self.redirect(safe_next_path(next_path) if next_path else f"{frontend}/")
 
 
-class DevLoginHandler(SessionCookieMixin):
+class DevLoginHandler(SignInHandler):
     async def get(self) -> None:
         if not self.services.settings.dev:
             raise HTTPError(404, "not found")
@@ -143,7 +151,7 @@ class TabsHandler(BaseHandler):
         self.answer({"tabs": user.tabs, "active_tab": user.active_tab})
 
     async def post(self) -> None:
-        self.require_identity()  # 401 before any complaint about the body
+        self.limit("tabs", self.require_identity().user_id)  # 401, then 429, before any complaint about the body
         tabs, active_tab = parse_tabs(self.json_body())
         user = await self.require_user()
         await self.services.store.save_tabs(user.id, tabs, active_tab)

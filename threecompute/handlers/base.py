@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from ..containers.backend import BackendError
 from ..identity import COOKIE_NAME, Identity
 from ..proxies import client_address
 from ..services import Services
-from ..store import NoPortsLeft, StoreError, User
+from ..store import NoPortsLeft, StoreError, StoreFull, User
 from ..workspace import WorkspaceError
 
 log = logging.getLogger("threecompute.http")
@@ -38,6 +39,14 @@ class HTTPError(tornado.web.HTTPError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(status, reason=None, log_message=message)
         self.message = message
+
+
+class RateLimited(HTTPError):
+    """429 with a Retry-After of `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(429, "too many requests; slow down")
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 def origin_allowed(origin: str, frontend_origin: str, request_host: str) -> bool:
@@ -109,6 +118,16 @@ class BaseHandler(tornado.web.RequestHandler):
         ):
             raise HTTPError(403, "cross-origin request refused")
 
+    def limit(self, kind: str, key: str) -> None:
+        """Take a token from the `kind` bucket of `key` (a user id, an IP), else answer 429."""
+        limiter = self.services.rate_limits[kind]
+        wait = limiter.take(key)
+        if wait > 0:
+            if limiter.worth_reporting(key):
+                log.warning("rate limit %s (%s) reached by %s: %s %s answered 429",
+                            kind, limiter.rate, key, self.request.method, self.request.path)
+            raise RateLimited(wait)
+
     # -- identity -------------------------------------------------------------------------
 
     def get_current_user(self) -> Identity | None:
@@ -135,13 +154,7 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- bodies and answers ---------------------------------------------------------------
 
     def json_body(self) -> dict:
-        try:
-            body = json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "body must be a JSON object")
-        return body
+        return json_object(self.request.body)
 
     def answer(self, payload: dict | list, status: int = 200) -> None:
         self.set_status(status)
@@ -158,6 +171,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.clear_header("Content-Disposition")
         self.set_header("Content-Type", "application/json; charset=utf-8")
+        exc = (kwargs.get("exc_info") or (None, None))[1]
+        if isinstance(exc, RateLimited):
+            self.set_header("Retry-After", str(exc.retry_after))
         self.finish(json.dumps({"error": error_message(status_code, kwargs.get("exc_info"))}))
 
     def log_exception(self, typ, value, tb) -> None:  # noqa: ANN001 - tornado's signature
@@ -187,9 +203,12 @@ def as_http_error(e: BaseException) -> HTTPError | None:
         return HTTPError(503, str(e))
     if isinstance(e, NoPortsLeft):
         return HTTPError(503, str(e))
+    if isinstance(e, StoreFull):
+        log.error("store failure: %s", e)
+        return HTTPError(507, "no space left on the server's disk")
     if isinstance(e, StoreError):
         log.error("store failure: %s", e)
-        return HTTPError(503, "the server's database is unavailable")
+        return HTTPError(503, STORE_DOWN)
     return None
 
 
@@ -220,7 +239,17 @@ def allowed_request_headers(requested: str) -> str:
     """The requested headers this API reads or ignores harmlessly; Content-Type at least."""
     names = {name.strip().lower() for name in requested.split(",")} & PREFLIGHT_HEADERS
     return ", ".join(sorted(names | {"content-type"}))
-STORE_DOWN = "the server's database is unavailable"
+
+
+def json_object(body: bytes) -> dict:
+    """A request body that must be one JSON object; HTTPError(400) for anything else."""
+    try:
+        parsed = json.loads(body or b"null")
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested deeper than Python's stack
+        raise HTTPError(400, "body is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise HTTPError(400, "body must be a JSON object")
+    return parsed
 
 
 def error_message(status_code: int, exc_info: Any) -> str:

@@ -39,7 +39,8 @@ READ_CHUNK_BYTES = 256 * 1024
 class WorkspaceHandler(BaseHandler):
     def prepare(self) -> None:
         super().prepare()
-        self.require_identity()  # before any body is parsed: no session is 401, whatever else is wrong
+        # Before any body is parsed: no session is 401, too many requests 429, whatever else is wrong.
+        self.limit("files", self.require_identity().user_id)
 
     async def workspace(self) -> Workspace:
         identity = self.require_identity()
@@ -212,6 +213,7 @@ class FileHandler(UploadBodyMixin):
     """GET, PUT (streamed, atomic), POST (create) and DELETE on one workspace path."""
 
     writer: AtomicWriter | None = None
+    failure: WorkspaceError | None = None
 
     async def prepare(self) -> None:
         super().prepare()
@@ -228,8 +230,13 @@ class FileHandler(UploadBodyMixin):
 
     async def data_received(self, chunk: bytes) -> None:
         self.chunk_arrived()
-        if self.writer is not None:
+        if self.writer is None:
+            return  # after a failure: read and drop the rest, so the client gets the error
+        try:
             await self.in_executor(self.writer.write, chunk)
+        except WorkspaceError as exc:  # a full disk: the temporary file goes at once
+            self.failure = exc
+            self._abort_writer()
         self.chunk_arrived()
 
     async def get(self, path: str) -> None:
@@ -250,6 +257,8 @@ class FileHandler(UploadBodyMixin):
 
     async def put(self, path: str) -> None:
         self.body_done()
+        if self.failure is not None:
+            raise self.failure
         await self.in_executor(self.writer.commit)
         self.writer = None
         self.answer({"success": True})

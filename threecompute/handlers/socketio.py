@@ -173,6 +173,8 @@ class SocketIOTerminal:
             self.unwatch_files()
         if not self.gone.done():
             self.gone.set_result(None)  # releases the frames the session still counts in flight
+        if self.attaching is not None and self.terminal is None:
+            self.attaching.cancel()  # still waiting for the container: stop waiting, free the slot
         self.transport.spawn(self.release())
 
     async def release(self) -> None:

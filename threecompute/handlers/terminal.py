@@ -17,7 +17,7 @@ from typing import Any
 import tornado.websocket
 
 from ..containers.backend import TAB_ID, BackendError, UserRef
-from ..pty import Terminal
+from ..pty import Terminal, TerminalLimit
 from ..services import Services
 from ..terminal_frames import FrameError, InputRouter, parse_frame
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
@@ -29,6 +29,7 @@ PING_INTERVAL_SECONDS = 25
 PING_TIMEOUT_SECONDS = 20  # a client silent this long after a ping is gone (tornado: at most the interval)
 GOING_AWAY = 1001
 TERMINAL_UNAVAILABLE = 1011
+TRY_AGAIN_LATER = 1013
 
 
 def output_frame(text: str) -> str:
@@ -97,6 +98,10 @@ class TerminalSocket(ClosingWebSocketHandler):
             self.terminal = await self.services.hub.open(
                 self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit,
                 progress=self.send_progress)
+        except TerminalLimit as exc:
+            self.send_error_frame(str(exc))
+            self.close(TRY_AGAIN_LATER, "try again later")
+            return
         except BackendError as exc:
             self.send_error_frame(str(exc))
             self.close(TERMINAL_UNAVAILABLE, "terminal unavailable")
@@ -115,6 +120,8 @@ class TerminalSocket(ClosingWebSocketHandler):
         self.services.open_sockets.discard(self)
         if self.unwatch_files is not None:
             self.unwatch_files()
+        if self.attaching is not None and self.terminal is None:
+            self.attaching.cancel()  # still waiting for the container: stop waiting, free the slot
         asyncio.ensure_future(self.release())
 
     async def release(self) -> None:
@@ -124,7 +131,17 @@ class TerminalSocket(ClosingWebSocketHandler):
             await self.services.hub.close(self.terminal)
 
     def on_terminal_exit(self) -> None:
-        """The shell ended (the user typed `exit`): the tab is over."""
+        """The shell ended (the user typed `exit`): the tab is over. A failed `docker exec`
+        (its engine gone, e.g. the node died) is an error the client may retry."""
+        asyncio.ensure_future(self._close_after_exit())
+
+    async def _close_after_exit(self) -> None:
+        if self.terminal is not None:
+            await self.terminal.session.wait_closed()
+            if self.terminal.session.exit_status not in (0, None):
+                self.send_error_frame("the terminal lost its container; reconnect to get a fresh one")
+                self.close(TERMINAL_UNAVAILABLE, "terminal lost")
+                return
         self.close(1000, "terminal exited")
 
     # -- frames --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Terminals: one PTY per attached client (`session`), and the hub that tracks them (`hub`)."""
 
-from .hub import Terminal, TerminalHub
+from .hub import Terminal, TerminalHub, TerminalLimit, TerminalLimits
 from .session import FlowLimits, PtyInputOverflow, PtySession, PtyStats
 
-__all__ = ["FlowLimits", "PtyInputOverflow", "PtySession", "PtyStats", "Terminal", "TerminalHub"]
+__all__ = ["FlowLimits", "PtyInputOverflow", "PtySession", "PtyStats", "Terminal", "TerminalHub", "TerminalLimit",
+           "TerminalLimits"]

@@ -7,6 +7,10 @@ Several sockets on one tab are several Terminals. The hub tells the backend when
 first terminal opens and last one closes (the idle clock), and on close it asks the
 backend to `detach` the tmux client, because Docker does not end an exec's processes when
 the exec's client goes away.
+
+The hub is also where terminals are counted, so that both transports share the limits: at
+most `max_per_user` per user and `max_total` on the server, open or being opened, and opens
+per user rate-limited. A refusal is a `TerminalLimit` raised before anything is spawned.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 from ..containers.backend import AttachCommand, BackendError, Box, ContainerBackend, UserRef
 from ..metrics import Metrics
+from ..ratelimit import Rate, RateLimiter
 from .session import PtySession, PtyStats, Send
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ REDRAW_TIMEOUT = 10.0
 PROGRESS_AFTER_SECONDS = 0.2
 STARTING_MESSAGE = "starting your workspace container…"
 STARTED_MESSAGE = "workspace container started; attaching the terminal…"
+REFUSAL_LOG_EVERY = 10.0  # seconds: one log line per user and interval, however many refusals
 # Server settings must not leak into users' shells (the local backend runs tmux with this
 # environment; `docker exec -e NAME` without a value would copy it into the container).
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
@@ -59,6 +65,17 @@ STAT_TOTALS = {"pty_bytes_out_total": "bytes_out", "pty_bytes_in_total": "bytes_
 def add_stats(totals: dict[str, int], stats: PtyStats) -> None:
     for total, name in STAT_TOTALS.items():
         totals[total] += getattr(stats, name)
+
+
+class TerminalLimit(BackendError):
+    """A terminal refused by a limit: try again later (WebSocket close 1013)."""
+
+
+@dataclass(frozen=True)
+class TerminalLimits:
+    max_per_user: int = 20
+    max_total: int = 1000
+    open_rate: Rate | None = None
 
 
 @dataclass(eq=False)
@@ -180,11 +197,19 @@ class FilesNotifier:
 class TerminalHub:
     """All open terminals, by user; opens and closes them through the container backend."""
 
-    def __init__(self, backend: ContainerBackend, metrics: Metrics | None = None) -> None:
+    def __init__(self, backend: ContainerBackend, limits: TerminalLimits | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.backend = backend
         self.metrics_out = metrics or Metrics()
         self.files = FilesNotifier()
+        self.limits = limits or TerminalLimits()
         self._by_user: dict[str, dict[str, Terminal]] = {}
+        # Slots held per user: registered terminals plus opens in progress (ensure can be slow,
+        # and a flood of opens must be refused while the first ones still wait for it).
+        self._slots: dict[str, int] = {}
+        self._slots_total = 0
+        self._open_rate = RateLimiter(self.limits.open_rate)
+        self._refusals_logged: dict[str, float] = {}
         self._shutting_down = False
         self._background: set[asyncio.Future] = set()
         self._redraws: set[asyncio.Future] = set()
@@ -192,31 +217,43 @@ class TerminalHub:
         self._first_output = LatencyWindow()
         self._counters = dict.fromkeys(
             ("terminals_opened_total", "terminals_closed_total", "terminals_exited_total",
-             "ensure_errors_total", "spawn_errors_total", "detach_errors_total"), 0)
+             "ensure_errors_total", "spawn_errors_total", "detach_errors_total", "terminals_refused_total"), 0)
         self._closed_totals = dict.fromkeys(STAT_TOTALS, 0)
 
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
                    on_exit: Callable[[], None], progress: Callable[[str], None] | None = None) -> Terminal:
         """Attach a new client to the user's tab. Raises BackendError (nothing is registered then).
+        Cancel it when the client goes away first: its slot is freed at once.
 
         `send(text)` receives output; `on_exit()` is called once if the program inside ends
         by itself (the hub then closes the terminal; closing it again is harmless);
-        `progress(message)` hears while the user's container is being started.
+        `progress(message)` hears while the user's container is being started. Raises
+        TerminalLimit, before anything is started, past a limit.
         """
         self._refuse_if_shutting_down()
+        self._take_slot(user.user_id)
+        try:
+            return await self._open(user, tab_id, rows, cols, send, on_exit, progress)
+        except BaseException:  # registered terminals give their slot back when they close
+            self._release_slot(user.user_id)
+            raise
+
+    async def _open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
+                    on_exit: Callable[[], None], progress: Callable[[str], None] | None) -> Terminal:
         started = time.monotonic()
         tell = progress or (lambda message: None)
         notice = asyncio.get_running_loop().call_later(PROGRESS_AFTER_SECONDS, tell, STARTING_MESSAGE)
+        # Shielded: a client that leaves while its container is being made cancels its open
+        # (and gives its slot back at once), but the container is still made, whole, for
+        # its next connection, instead of being abandoned half-way.
+        ensuring = asyncio.ensure_future(self.backend.ensure(user))
+        ensuring.add_done_callback(self._count_ensure_error)
         try:
-            box = await self.backend.ensure(user)
-        except Exception:
-            self._counters["ensure_errors_total"] += 1
-            raise
+            box = await asyncio.shield(ensuring)
         finally:
             notice.cancel()
         if box.cold:
             tell(STARTED_MESSAGE)
-        if box.cold:
             self.metrics_out.container_start_seconds.observe(time.monotonic() - started)
         self._refuse_if_shutting_down()
         client_id = secrets.token_hex(8)
@@ -273,6 +310,7 @@ class TerminalHub:
             add_stats(totals, t.session.stats)
         return {
             "open_terminals": len(live),
+            "terminal_slots": self._slots_total,
             "terminal_users": len(self._by_user),
             "paused_terminals": sum(1 for t in live if t.session.paused),
             **self._counters,
@@ -286,6 +324,41 @@ class TerminalHub:
     def _refuse_if_shutting_down(self) -> None:
         if self._shutting_down:
             raise BackendError("the server is shutting down")
+
+    def _count_ensure_error(self, ensuring: asyncio.Future) -> None:
+        if not ensuring.cancelled() and ensuring.exception() is not None:  # also marks it retrieved
+            self._counters["ensure_errors_total"] += 1
+
+    def _take_slot(self, user_id: str) -> None:
+        held = self._slots.get(user_id, 0)
+        if held >= self.limits.max_per_user:
+            self._refuse(user_id, f"too many terminals open: at most {self.limits.max_per_user} per user")
+        if self._slots_total >= self.limits.max_total:
+            self._refuse(user_id, "the server has too many terminals open; try again later")
+        wait = self._open_rate.take(user_id)
+        if wait > 0:
+            self._refuse(user_id, f"terminals opened too fast; try again in {max(1, round(wait))} s")
+        self._slots[user_id] = held + 1
+        self._slots_total += 1
+
+    def _release_slot(self, user_id: str) -> None:
+        held = self._slots.get(user_id, 0)
+        if held <= 1:
+            self._slots.pop(user_id, None)
+        else:
+            self._slots[user_id] = held - 1
+        self._slots_total = max(0, self._slots_total - 1)
+
+    def _refuse(self, user_id: str, message: str) -> None:
+        self._counters["terminals_refused_total"] += 1
+        now = time.monotonic()
+        if now - self._refusals_logged.get(user_id, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            if len(self._refusals_logged) > 10_000:  # bounded: forget who was logged long ago
+                self._refusals_logged.clear()
+            self._refusals_logged[user_id] = now
+            log.warning("terminal refused for user %s: %s (%d open or opening, %d on the server)",
+                        user_id, message, self._slots.get(user_id, 0), self._slots_total)
+        raise TerminalLimit(message)
 
     def _observed(self, send: Send, started: float, user_id: str, cold: bool) -> Send:
         """Wrap `send` to record how long the user waited from connect to first output, and
@@ -340,6 +413,7 @@ class TerminalHub:
         per_user = self._by_user.get(terminal.user_id, {})
         if per_user.pop(terminal.client_id, None) is None:
             return
+        self._release_slot(terminal.user_id)
         self._counters["terminals_closed_total"] += 1
         add_stats(self._closed_totals, terminal.session.stats)
         if not per_user:
