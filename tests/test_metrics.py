@@ -125,7 +125,7 @@ async def test_the_deploy_duration_is_observed(client, services):
 
 def hub_with_metrics() -> tuple[TerminalHub, FakeBackend, Metrics]:
     backend, metrics = FakeBackend(), Metrics()
-    hub = TerminalHub(backend, metrics)
+    hub = TerminalHub(backend, metrics=metrics)
     metrics.watch(hub.metrics, lambda: {})
     return hub, backend, metrics
 
