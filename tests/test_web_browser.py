@@ -44,6 +44,18 @@ def run_in_terminal(page, tab: str, command: str) -> None:  # noqa: ANN001
     page.keyboard.press("Enter")
 
 
+def drag_onto(page, source: str, target: str) -> None:
+    """Drag one tree row onto another through the page's own drag-and-drop events (one
+    DataTransfer from dragstart to drop), which the tree handles exactly as a person's drag;
+    Chromium's synthesized mouse gesture starts no drag now and then."""
+    transfer = page.evaluate_handle("() => new DataTransfer()")
+    page.dispatch_event(source, "dragstart", {"dataTransfer": transfer})
+    page.dispatch_event(target, "dragenter", {"dataTransfer": transfer})
+    page.dispatch_event(target, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(target, "drop", {"dataTransfer": transfer})
+    page.dispatch_event(source, "dragend", {"dataTransfer": transfer})
+
+
 @pytest.mark.parametrize("backend", ["local", pytest.param("docker", marks=pytest.mark.docker)])
 def test_workspace_terminals_files_and_editor(backend, tmp_path) -> None:
     from playwright.sync_api import expect
@@ -155,7 +167,7 @@ def test_workspace_terminals_files_and_editor(backend, tmp_path) -> None:
         steps.prompt = "dest"
         page.locator('[data-action="new-folder"]').click()  # inside lib/, the selection's folder
         expect(page.locator('.entry[data-path="lib/dest/"]')).to_be_visible()
-        page.locator('.entry[data-path="lib/app.py"]').drag_to(page.locator('.entry[data-path="lib/dest/"]'))
+        drag_onto(page, '.entry[data-path="lib/app.py"]', '.entry[data-path="lib/dest/"]')
         page.locator('.entry[data-path="lib/dest/"]').click()
         expect(page.locator('.entry[data-path="lib/dest/app.py"]')).to_be_visible()
         steps.step("moved")

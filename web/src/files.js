@@ -79,6 +79,12 @@ export class FileTree {
   }
 
   render() {
+    // A drag from the tree must keep its rows: a refresh arriving meanwhile (a files-changed
+    // event) is drawn when the drag ends.
+    if (this.dragging) {
+      this.renderLater = true;
+      return;
+    }
     const known = new Set(this.paths);
     if (this.selected && !known.has(this.selected)) this.selected = '';
     const focused = document.activeElement?.dataset?.path;
@@ -128,6 +134,14 @@ export class FileTree {
     row.ondragstart = (event) => {
       event.dataTransfer.setData(DRAG_TYPE, node.path);
       event.dataTransfer.effectAllowed = 'move';
+      this.dragging = true;
+    };
+    row.ondragend = () => {
+      this.dragging = false;
+      if (this.renderLater) {
+        this.renderLater = false;
+        this.render();
+      }
     };
     if (node.folder) this.dropTarget(row, () => node.path);
     return row;
@@ -177,6 +191,7 @@ export class FileTree {
       element.classList.remove('drop');
       const source = event.dataTransfer.getData(DRAG_TYPE);
       if (source) {
+        this.dragging = false;  // the drag is over here even if its row's dragend never comes
         await this.move(source, folder());
         return;
       }
