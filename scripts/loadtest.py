@@ -496,8 +496,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  host CPU by process name: {top}; all containers {host.get('all_containers_percent')}%")
 
 
-def write_chart(report: dict[str, Any], path: Path) -> bool:
-    """Echo latency and file API latency, memory, and CPU over time, as a PNG."""
+def pyplot() -> Any | None:
+    """matplotlib's pyplot on the Agg backend, or None (said once) where it is not installed."""
     try:
         import matplotlib
 
@@ -505,6 +505,14 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("no matplotlib: chart skipped (pip install -r requirements-bench.txt)", file=sys.stderr)
+        return None
+    return plt
+
+
+def write_chart(report: dict[str, Any], path: Path) -> bool:
+    """Echo latency and file API latency, memory, and CPU over time, as a PNG."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (lat, mem, cpu) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     rows = report["timeline"]

@@ -59,7 +59,7 @@ for path in (ROOT, ROOT / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from loadtest import Plan, Recorder, TabWorker  # noqa: E402
+from loadtest import Plan, Recorder, TabWorker, pyplot  # noqa: E402
 
 from bench.common import (  # noqa: E402
     HttpConnection,
@@ -608,13 +608,8 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
 
 def write_chart(report: dict[str, Any], path: Path) -> bool:
     """Bystander echo, server memory and descriptors, open terminals; fault windows shaded."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: chart skipped (pip install -r requirements-bench.txt)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (echo, mem, terms) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     points = report["bystander_samples"]
