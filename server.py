@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import resource
 import signal
 import sys
+import threading
 
 from tornado.httpserver import HTTPServer
 
@@ -43,6 +46,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, log_resources, services)
     await stopping.wait()
     log.info("shutting down: closing terminals; user containers keep running")
     await shutdown(server, services)
@@ -54,6 +58,15 @@ async def shutdown(server: HTTPServer, services: Services) -> None:
     await services.backend.stop()
     await server.close_all_connections()
     services.close()
+
+
+def log_resources(services: Services) -> None:
+    """SIGUSR1: a full garbage collection, then what the process holds. Resources that only
+    wait for a collection (connections kept in reference cycles by a failed call's
+    traceback, say) are released by it, so what the line counts is what is really held."""
+    collected = gc.collect()
+    log.info("resources: %d terminal(s), %d descriptor(s), %d thread(s); %d unreachable object(s) collected",
+             len(services.hub.terminals()), len(os.listdir("/proc/self/fd")), threading.active_count(), collected)
 
 
 def raise_open_file_limit() -> None:

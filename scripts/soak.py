@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from docker.constants import DEFAULT_MAX_POOL_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "scripts"):
@@ -87,6 +88,7 @@ FAULT_KINDS = ("exec", "container", "disk", "restart", "dockerd")
 DEFAULT_FAULTS = "exec,container,disk,restart,dockerd"
 ECHO_LIMIT_MS = 50.0
 MEMORY_TOLERANCE = 0.10
+ENGINE_POOL_BOUND = DEFAULT_MAX_POOL_SIZE  # the docker SDK's connections per engine, kept for reuse
 HTTP_TIMEOUT = 15.0
 DOCKERD_DOWN_SECONDS = 20.0
 SETTLE_AFTER_FAULT = 10.0  # seconds after a fault's end still counted inside its window
@@ -373,13 +375,18 @@ class Soak:
             await self.pause(self.stop, 1.0)
 
     def descriptor_kinds(self) -> dict[str, int]:
-        """The server's descriptors by kind (socket, pipe, anon_inode, file): where a leak would show."""
+        """The server's descriptors by kind (socket, pipe, anon_inode, file): where a leak would show.
+
+        Connections to the Docker engine are counted apart ("engine"): the SDK keeps them in a
+        pool of at most ENGINE_POOL_BOUND, so they grow with the busiest moment, not with time."""
         kinds: Counter = Counter()
+        engine = engine_socket_inodes()
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{self.server.pid}/fd"):
                 with contextlib.suppress(OSError):
                     target = os.readlink(f"/proc/{self.server.pid}/fd/{fd}")
-                    kinds[target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"] += 1
+                    kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"
+                    kinds["engine" if kind == "socket" and target[8:-1] in engine else kind] += 1
         return dict(kinds)
 
     async def quiet_point(self, timeout: float = 60.0) -> dict[str, float]:
@@ -391,6 +398,10 @@ class Soak:
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(3.0)  # closes in flight finish their detach
+        # Counted after a full collection (SIGUSR1): what only waits for the collector is not held.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.server.pid, signal.SIGUSR1)
+        await asyncio.sleep(0.5)
         return {**(self.measure() or {}), "descriptor_kinds": self.descriptor_kinds()}
 
     async def open_terminals(self) -> float:
@@ -540,6 +551,25 @@ def multipart(name: str, content: bytes) -> tuple[bytes, str]:
 # -- the books -----------------------------------------------------------------------------
 
 
+def engine_socket_inodes() -> set[str]:
+    """Inodes of the unix sockets whose peer is a Docker engine's API socket (from `ss`), or
+    whose peer is gone: an idle pooled connection to an engine that was stopped stays open
+    until the pool hands it out again."""
+    try:
+        lines = subprocess.run(["ss", "-xn"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    engine_side, peers = set(), {}
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) >= 8:
+            local, inode, peer_inode = fields[4], fields[5], fields[7]
+            peers[inode] = peer_inode
+            if local.endswith("docker.sock"):
+                engine_side.add(inode)
+    return {inode for inode, peer in peers.items() if peer in engine_side or peer == "0"}
+
+
 def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
     return any(start <= t <= end + SETTLE_AFTER_FAULT for start, end in windows)
 
@@ -559,6 +589,10 @@ def container_books(soak: Soak, before: list[tuple[str, str]]) -> dict[str, Any]
             "unknown_owner": sum(n for user, n in per_user.items() if user not in known)}
 
 
+def not_engine(point: dict) -> int:
+    return point.get("fds", 0) - point.get("descriptor_kinds", {}).get("engine", 0)
+
+
 def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers: dict, wall: float) -> dict[str, Any]:
     rec = soak.rec
     windows = [(f["start"], f["end"]) for f in rec.faults]
@@ -567,7 +601,8 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
     errors_outside = Counter(k for t, k in rec.error_times if not in_windows(t, windows))
     leaks = {
         "pty_children": end.get("children", -1) - baseline.get("children", 0),
-        "descriptors": max(0, end.get("fds", 0) - baseline.get("fds", 0)),
+        "descriptors": max(0, not_engine(end) - not_engine(baseline)),
+        "engine_connections_over_pool": max(0, end.get("descriptor_kinds", {}).get("engine", 0) - ENGINE_POOL_BOUND),
         "containers": containers.get("duplicates", 0) + containers.get("unknown_owner", 0),
         "temp_files": len(files["temp_files"]),
     }

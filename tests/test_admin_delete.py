@@ -52,8 +52,14 @@ async def test_deleting_a_user_removes_container_workspace_and_rows(make_client,
         "participants"]}
     assert (await ok(owner, f"/classrooms/{rid}/progress"))["students"] == []
     assert (await student.fetch("/auth/me")).code == 401
+    # The deleted user's cookie opens nothing any more, and makes no workspace again.
+    assert (await student.fetch("/list-files")).code == 401
+    assert (await student.fetch("/file/new.py", "PUT", "x")).code == 401
+    assert not (data_dir / "workspaces" / user_id).exists()
     assert (await ok(admin, f"/admin/users/{user_id}", "DELETE")) == {"success": True, "existed": False}
     assert (await admin.fetch(f"/admin/users/{dev_user_id(ADMIN)}", "DELETE")).code == 409
+    again = await signed_in(make_client, "gone@example.com")  # signing in again is a new start
+    assert (await again.fetch("/list-files")).code == 200
 
     # A teacher's classrooms go with them.
     await ok(admin, f"/admin/users/{dev_user_id('teacher@example.com')}", "DELETE")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import socket
@@ -23,6 +24,7 @@ import docker.errors
 import psutil
 import ptyprocess
 import pytest
+from docker.constants import DEFAULT_MAX_POOL_SIZE
 
 from tests.conftest import port_is_free
 from tests.pty_reader import read_until
@@ -34,6 +36,7 @@ from threecompute.containers.docker import (
     PORT_IN_USE,
     DockerBackend,
     _engine_reason,
+    engine_client,
     publish_address,
 )
 from threecompute.containers.firewall import Firewall
@@ -485,7 +488,48 @@ def test_close_tab_and_cd_all_tabs(shared, tmp_path):
         run_in(container, "tmux", "kill-session", "-t", f"={session}")
 
 
+@pytest.mark.docker
+def test_commands_in_the_container_leave_no_descriptor_open(shared):
+    """Every attach runs a redraw in the container and every tab close a kill-session: with the
+    garbage collector held off, the engine connections they used must be closed, not dropped."""
+    settings, user = shared["settings"], shared["user"]
+    backend = DockerBackend(settings)
+
+    async def scenario() -> tuple[int, int]:
+        box = await backend.ensure(user)
+        await backend.redraw(box, "warmup0001", 0)  # the connection pool's first connection
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(25):
+            await backend.redraw(box, f"noleak{i:04d}", 0)
+            await backend.close_tab(user, f"noleak{i}")
+        return before, len(os.listdir("/proc/self/fd"))
+
+    gc.disable()
+    try:
+        before, after = asyncio.run(scenario())
+    finally:
+        gc.enable()
+    assert after - before <= DEFAULT_MAX_POOL_SIZE, (before, after)  # at most a pool's worth, not 50
+
+
 # -- the engine ------------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_idle_engine_connections_stay_within_one_pool(engine):
+    """Every container's id is in the URLs the backend asks for; the SDK alone kept a pool
+    (and an idle connection) per URL. Thirty distinct URLs, asked one after another, must
+    share one connection."""
+    client = engine_client(None)
+    try:
+        client.ping()
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(30):
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.inspect_container(f"3compute-no-such-container-{i}")
+        assert len(os.listdir("/proc/self/fd")) - before <= 1
+    finally:
+        client.close()
+
 
 @pytest.mark.docker
 def test_engine_down_then_back_without_a_new_backend(engine, settings_for, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def wait_for_health(port: int, deadline: float) -> dict:
     raise AssertionError("the server never answered /healthz")
 
 
-def test_the_server_runs_and_stops_cleanly_on_sigterm(tmp_path):
+def test_the_server_reports_on_sigusr1_and_stops_cleanly_on_sigterm(tmp_path):
     port = next(p for p in range(41000, 42000) if port_is_free(p))
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--dev", "--backend", "local",
@@ -146,10 +147,14 @@ def test_the_server_runs_and_stops_cleanly_on_sigterm(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_for_health(port, time.monotonic() + 20)["code"] == 200
+        process.send_signal(signal.SIGUSR1)  # a resource report, and the server goes on
+        time.sleep(0.5)
+        assert wait_for_health(port, time.monotonic() + 5)["code"] == 200
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)
     finally:
         process.kill()
     assert process.returncode == 0, output
     assert "random one" in output  # --dev without FLASK_SECRET says so
+    assert re.search(r"resources: 0 terminal\(s\), \d+ descriptor\(s\), \d+ thread\(s\)", output), output
     assert "Traceback" not in output

@@ -1,7 +1,8 @@
 """Who is calling: the session JWT in a cookie, and the OAuth2 sign-in that issues it.
 
 The cookie holds an HS256 JWT (subject = the provider's user id, email, issued-at, expiry and
-a random `jti` so that logout can revoke exactly this token). Anything that fails to verify
+a random `jti` so that logout can revoke exactly this token; deleting a user revokes every
+token of theirs issued until then). Anything that fails to verify
 is simply no identity. The OAuth flow uses requests-oauthlib, which is blocking, so the
 callback handler runs `OAuthClient.finish` in an executor.
 """
@@ -38,7 +39,9 @@ class TokenCodec:
         self.lifetime_seconds = lifetime_seconds
 
     def issue(self, user_id: str, email: str) -> str:
-        now = int(time.time())
+        # To the millisecond: a user's tokens issued before a given moment can be told apart
+        # from those issued just after it (see Store.revoke_user).
+        now = round(time.time(), 3)
         claims = {
             "sub": user_id,
             "email": email,

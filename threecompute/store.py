@@ -32,10 +32,12 @@ from .containers.backend import PORTS_PER_USER
 from .settings import HIGHEST_PORT
 
 if TYPE_CHECKING:
+    from .identity import Identity
     from .settings import Settings
 
 T = TypeVar("T")
 MAX_IPS_KEPT = 20
+USER_TOKENS = "user:"  # a revoked id of this prefix stands for all of a user's tokens (no jti has a colon)
 
 # Each entry migrates the schema from version i to i + 1; never edit a shipped one.
 MIGRATIONS = [
@@ -208,7 +210,7 @@ class Store(abc.ABC):
     """Users, port slots, tabs and revoked tokens, whichever engine keeps them.
 
     Construction opens and migrates the database; `close` releases it. Revoked token ids are
-    also held in memory (`is_revoked` is asked on every request, so it must cost nothing).
+    also held in memory (`refuses` is asked on every request, so it must cost nothing).
     """
 
     def __init__(self, port_base: int) -> None:
@@ -264,9 +266,15 @@ class Store(abc.ABC):
         """What this store shares with other server processes about containers (nothing here)."""
         return self._local_cluster
 
-    def is_revoked(self, jti: str) -> bool:
+    async def revoke_user(self, user_id: str, lifetime_seconds: float) -> None:
+        """Refuse every token of `user_id` issued until now: those expire within a lifetime
+        from now, a token issued later expires after that."""
+        await self.revoke(f"{USER_TOKENS}{user_id}", time.time() + lifetime_seconds)
+
+    def refuses(self, identity: Identity) -> bool:
         """Answered from memory: every authenticated request asks, so it must be free."""
-        return jti in self._revoked
+        return identity.jti in self._revoked or \
+            identity.expires_at <= self._revoked.get(f"{USER_TOKENS}{identity.user_id}", 0.0)
 
     def _remember_revoked(self, jti: str, expires_at: float) -> None:
         now = time.time()

@@ -48,6 +48,7 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
+from docker.transport.unixconn import UnixHTTPAdapter
 from tornado.ioloop import IOLoop
 
 from threecompute.cluster import Cluster, LocalCluster
@@ -664,10 +665,7 @@ class DockerBackend(ContainerBackend):
         with self._client_lock:
             if self._client is None:
                 url = self._resolve_host()
-                if url is None:
-                    client = docker.from_env(version="auto", timeout=API_TIMEOUT)
-                else:
-                    client = docker.DockerClient(base_url=url, version="auto", timeout=API_TIMEOUT)
+                client = engine_client(url)
                 self._client, self._client_url = client, url or os.environ.get("DOCKER_HOST")
             return self._client
 
@@ -684,6 +682,28 @@ class DockerBackend(ContainerBackend):
     def _resolve_host(self) -> str | None:
         host = self._docker_host() if callable(self._docker_host) else self._docker_host
         return host or None
+
+
+class _OneSocketPool(UnixHTTPAdapter):
+    """The SDK keys its connection pools by request URL and keeps 25 of them, so the idle
+    connections to a local engine grew with the variety of calls (a container's id is in
+    most URLs). One socket, one pool: at most `max_pool_size` idle connections."""
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection("http+docker://localhost", proxies)
+
+
+def engine_client(url: str | None, **kwargs: Any) -> docker.DockerClient:
+    """A docker SDK client for the engine at `url` (None: DOCKER_HOST and friends, else the
+    local socket)."""
+    params = docker.utils.kwargs_from_env() if url is None else {"base_url": url}
+    client = docker.DockerClient(**{**params, **kwargs}, version="auto", timeout=API_TIMEOUT)
+    adapter = client.api.get_adapter("http+docker://localhost")
+    if type(adapter) is UnixHTTPAdapter:
+        client.api.mount("http+docker://", _OneSocketPool(f"http+unix://{adapter.socket_path}", API_TIMEOUT,
+                                                          max_pool_size=adapter.max_pool_size))
+        adapter.close()
+    return client
 
 
 def _client_id(client_id: str) -> str:

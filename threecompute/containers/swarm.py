@@ -38,13 +38,13 @@ from tornado.ioloop import IOLoop
 from threecompute.containers import hostside
 from threecompute.containers.backend import PORTS_PER_USER, BackendError, Box, UserRef
 from threecompute.containers.docker import (
-    API_TIMEOUT,
     CONTAINER_USER,
     LABEL_DEPLOYMENT,
     LABEL_USER,
     DockerBackend,
     _api_message,
     _engine_reason,
+    engine_client,
 )
 from threecompute.containers.reaper import Proc, parse_ps_rows
 from threecompute.settings import Settings
@@ -321,7 +321,7 @@ class SwarmBackend(DockerBackend):
                     tls = docker.tls.TLSConfig(client_cert=(f"{cert_path}/cert.pem", f"{cert_path}/key.pem"),
                                                ca_cert=f"{cert_path}/ca.pem", verify=True)
                     base_url = url.replace("tcp://", "https://", 1)
-                client = docker.DockerClient(base_url=base_url, version="auto", timeout=API_TIMEOUT, tls=tls)
+                client = engine_client(base_url, tls=tls)
                 self._nodes[url] = client
             return client
 

@@ -275,6 +275,6 @@ def error_message(status_code: int, exc_info: Any) -> str:
 def current_identity(handler: tornado.web.RequestHandler, services: Services) -> Identity | None:
     """The identity in the session cookie, if valid and not revoked (shared with WebSockets)."""
     identity = services.tokens.decode(handler.get_cookie(COOKIE_NAME))
-    if identity is None or services.store.is_revoked(identity.jti):
+    if identity is None or services.store.refuses(identity):
         return None
     return identity

@@ -375,6 +375,8 @@ class AdminUserHandler(AdminBase):
         """Container, workspace and rows, in that order; again, it finds nothing and succeeds."""
         if user_id == self.user.id:
             raise HTTPError(409, "an admin cannot delete themselves")
+        # Their cookies first: a request in the meantime would make the workspace again.
+        await self.services.store.revoke_user(user_id, self.services.tokens.lifetime_seconds)
         record = await self.services.store.get_user(user_id)
         ref = self.services.user_ref(record) if record is not None else None
         for terminal in self.services.hub.terminals_of(user_id):

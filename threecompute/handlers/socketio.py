@@ -76,7 +76,7 @@ def identity_from_cookie_header(header: str | None, services: Services) -> Ident
     except Exception:  # a malformed header is no identity, as for Tornado's own parsing
         return None
     identity = services.tokens.decode(token)
-    if identity is None or services.store.is_revoked(identity.jti):
+    if identity is None or services.store.refuses(identity):
         return None
     return identity
 
