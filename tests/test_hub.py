@@ -25,6 +25,7 @@ class FakeBackend(ContainerBackend):
         self.calls: list[tuple] = []
         self.ensure_error: BackendError | None = None
         self.detach_error: Exception | None = None
+        self.detach_hangs = False
         self.argv = ["bash", "--norc", "--noprofile", "-i"]
 
     def events(self, kind: str) -> list[tuple]:
@@ -43,6 +44,8 @@ class FakeBackend(ContainerBackend):
 
     async def detach(self, box: Box, client_id: str) -> None:
         self.calls.append(("detach", box.user.user_id, client_id))
+        if self.detach_hangs:  # an engine that no longer answers
+            await asyncio.Event().wait()
         if self.detach_error is not None:
             raise self.detach_error
 
@@ -230,6 +233,20 @@ async def test_close_all_closes_everything_and_refuses_new_terminals(hub, backen
     assert len(me.children()) == children_before, me.children()
     with pytest.raises(BackendError, match="shutting down"):
         await hub.open(user(tmp_path, "carol"), "1", 24, 80, Output().send, lambda: None)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_close_all_gives_up_on_detaches_at_its_deadline_and_still_reaps(hub, backend, tmp_path):
+    me = psutil.Process()
+    children_before = len(me.children())
+    backend.detach_hangs = True
+    opened = [await open_terminal(hub, user(tmp_path, "alice"), tab) for tab in ("1", "2", "3")]
+    started = time.monotonic()
+    await hub.close_all(timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert len(backend.events("detach")) == 3
+    assert all(t.session.closed for t, _ in opened)
+    assert len(me.children()) == children_before, me.children()  # the PTY children are reaped
 
 
 @pytest.mark.gen_test(timeout=15)

@@ -60,6 +60,7 @@ class Services:
         return self.user_ref(record)
 
     def close(self) -> None:
+        self.backend.close()
         self.grader.close()
         self.file_executor.shutdown(wait=True)
         self.store.close()

@@ -69,6 +69,9 @@ class ContainerBackend(abc.ABC):
     async def stop(self) -> None:
         """Stop background work. User containers and tmux sessions keep running."""
 
+    def close(self) -> None:
+        """The process is ending: drop what is still queued (nothing may wait on it)."""
+
     @abc.abstractmethod
     async def purge(self) -> None:
         """Remove everything this deployment made (containers, tmux servers...), workspaces aside.

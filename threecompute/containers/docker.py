@@ -201,6 +201,12 @@ class DockerBackend(ContainerBackend):
         """Stop the reaper. Containers keep running; the next start adopts them."""
         await self.reaper.stop()
 
+    def close(self) -> None:
+        # Queued calls would otherwise run before the interpreter may exit, a minute each
+        # with the engine gone; the next start hangs up what their detaches did not.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._health_pool.shutdown(wait=False, cancel_futures=True)
+
     async def purge(self) -> None:
         """Remove every container, the network and the firewall chains of this deployment.
 

@@ -35,6 +35,10 @@ from .session import PtySession, PtyStats, Send
 log = logging.getLogger(__name__)
 
 DETACH_TIMEOUT = 10.0
+# What a shutdown waits for the terminals' detaches (queued for the engine, a few at a time);
+# the user's next terminal hangs up any tmux client left, as no terminal owns it.
+SHUTDOWN_SECONDS = 10.0
+REAP_SECONDS = 3.0  # for the PTY children, already signalled, to be reaped
 REDRAW_SETTLE_SECONDS = 0.05  # for the first resize to reach the tmux client before asking again
 REDRAW_TIMEOUT = 10.0
 # An ensure slower than this is creating or starting the user's container: the client is told.
@@ -296,12 +300,22 @@ class TerminalHub:
     def terminals(self) -> list[Terminal]:
         return [t for per_user in self._by_user.values() for t in per_user.values()]
 
-    async def close_all(self) -> None:
-        """Graceful shutdown: refuse new terminals, close every open one, wait until all are reaped."""
+    async def close_all(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """Graceful shutdown: refuse new terminals, close every open one and wait until all
+        are reaped, for at most `timeout` seconds of detaching (a slow or lost engine)."""
         self._shutting_down = True
-        await asyncio.gather(*(self.close(t) for t in self.terminals()))
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sessions = [t.session for t in self.terminals()]
+        closing = {asyncio.ensure_future(self.close(t)) for t in self.terminals()}
+        while pending := {f for f in closing | self._background if not f.done()}:
+            if loop.time() >= deadline:
+                log.warning("shutdown: %d terminal close(s) still wait for the engine after %g s; not waiting",
+                            len(pending), timeout)
+                reaps = [asyncio.ensure_future(s.wait_closed()) for s in sessions]
+                await asyncio.wait(reaps, timeout=REAP_SECONDS)
+                return
+            await asyncio.wait(pending, timeout=deadline - loop.time())
 
     def metrics(self) -> dict[str, float]:
         live = self.terminals()
