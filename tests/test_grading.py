@@ -14,7 +14,7 @@ from threecompute.containers import deployment_id
 from threecompute.grading import LABEL_GRADING
 from threecompute.handlers.auth import dev_user_id
 
-from .classroom_helpers import CORRECT, HALF, classroom_with_assignment, ok, signed_in
+from .classroom_helpers import CORRECT, HALF, STARTER, classroom_with_assignment, ok, signed_in
 from .conftest import body_json
 
 pytestmark = pytest.mark.docker
@@ -125,6 +125,39 @@ async def test_students_run_their_own_tests_and_see_only_their_results(make_clie
     assert (await outsider.fetch(f"{base}/results")).code == 404
 
 
+PYTEST_HIDDEN = {
+    "conftest.py": "import pytest\n\n@pytest.fixture\ndef two():\n    return 2\n",
+    "test_pytest.py": (
+        "import pytest\nfrom solution import add\n\n"
+        "@pytest.mark.parametrize('a, b, total', [(1, 2, 3), (2, 2, 4)])\n"
+        "def test_cases(a, b, total):\n    assert add(a, b) == total\n\n"
+        "def test_fixture(two):\n    assert add(two, two) == 4\n\n"
+        "class TestPlain:\n    def test_raises(self):\n        with pytest.raises(TypeError):\n"
+        "            add(1, None)\n"),
+}
+
+
+@pytest.mark.gen_test(timeout=200)
+async def test_hidden_tests_run_with_pytest_fixtures_and_parametrize(make_client):
+    owner, room, _ = await classroom_with_assignment(make_client)
+    assignment = await ok(owner, f"/classrooms/{room['id']}/assignments", "POST",
+                          {"name": "Add with pytest", "files": STARTER, "tests": PYTEST_HIDDEN}, 201)
+    base = f"/classrooms/{room['id']}/assignments/{assignment['id']}"
+    await ok(owner, f"{base}/publish", "POST", {})
+    right = await join(make_client, room, "right@example.com")
+    wrong = await join(make_client, room, "wrong@example.com")
+    await right.fetch(f"/file/{assignment['folder']}/solution.py", "PUT", CORRECT)
+    await wrong.fetch(f"/file/{assignment['folder']}/solution.py", "PUT", HALF)
+
+    passed = (await ok(right, f"{base}/run", "POST", {}))["runs"][0]
+    assert [(t["name"], t["outcome"]) for t in passed["tests"]] == [
+        ("test_pytest.py::test_cases", "passed"), ("test_pytest.py::test_fixture", "passed"),
+        ("test_pytest.py::TestPlain.test_raises", "passed")]
+    half = (await ok(wrong, f"{base}/run", "POST", {}))["runs"][0]
+    assert (half["passed"], half["failed"]) == (1, 2), half  # one failing case fails its test
+    assert "assert -1 == 3" in half["output"]  # pytest's own assertion report
+
+
 def hostile_sources(data_dir) -> dict[str, bytes]:
     """Submissions that attack; each would score above 0 only if its attack worked."""
     other = str(data_dir / "workspaces")
@@ -140,6 +173,8 @@ def hostile_sources(data_dir) -> dict[str, bytes]:
         "snoop": ("import os\nSEEN = os.listdir('/app') + [p for p in (" + repr(other) + ", '/data')"
                   " if os.path.exists(p)]\n"
                   "def add(a, b):\n    return 0 if SEEN else a + b\n").encode(),
+        # Skipping from the code under test is not passing.
+        "skipper": b"def add(a, b):\n    import pytest\n    pytest.skip('no')\n",
         "quitter": b"import atexit, os\natexit.register(lambda: os._exit(0))\n"
                    b"def add(a, b):\n    raise SystemExit(0)\n",
         "forger": b"import json, os\n"
@@ -188,7 +223,7 @@ async def test_hostile_submissions_are_held_at_their_limits(make_client, data_di
     assert {t["outcome"] for t in result["loop"]["tests"]} == {"timeout"}
     for name in ("network", "snoop", "honest"):
         assert (result[name]["passed"], result[name]["score"]) == (3, 100.0), (name, result[name])
-    for name in ("forger", "quitter"):  # forged lines, exit code 0 without passing: all fail
+    for name in ("forger", "quitter", "skipper"):  # forged lines, skips, exit code 0 without passing: all fail
         assert (result[name]["status"], result[name]["passed"], result[name]["failed"]) == ("done", 0, 3), result[name]
     assert result["linker"]["status"] == "error" and result["linker"]["score"] == 0.0
     # Nothing else was harmed: the hidden test, the honest student's file, the server.

@@ -13,10 +13,9 @@ could read or change the tests). Each run:
    root with a small /tmp, memory, pids and CPU limits, a log capped at 1 MB;
 3. waits at most GRADING_TIMEOUT_SECONDS, then kills it; removes it in every case.
 
-The users' image has no pytest, and a run has no network to install it: `grader/runner.py`
-runs pytest-style tests (`test_*` functions with `assert`, `unittest.TestCase` classes) on
-the standard library. Runs are bounded: at most GRADING_CONCURRENCY at once per server, the
-rest wait in line.
+`grader/runner.py` runs each hidden test with pytest (in the users' image) in a child process
+of its own, and falls back to the standard library in an image without pytest. Runs are
+bounded: at most GRADING_CONCURRENCY at once per server, the rest wait in line.
 """
 
 from __future__ import annotations

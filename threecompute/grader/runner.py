@@ -1,11 +1,12 @@
-"""The test runner of a grading container (the users' image has python3 but not pytest).
+"""The test runner of a grading container.
 
-It runs pytest-style tests with the standard library alone: module-level `test_*` functions
-using plain `assert`, and `unittest.TestCase` classes. Tests are found by reading the test
-files' syntax (`ast`), never by importing them here, and each test runs in a child process
-whose output comes back through a pipe: the submitted code never runs in this process, and
-this process makes itself non-dumpable so that a child (same uid) cannot read its memory or
-descriptors. The last line it prints is the JSON result.
+Each test runs in a child process whose output comes back through a pipe: the submitted code
+never runs in this process, and this process makes itself non-dumpable so that a child (same
+uid) cannot read its memory or descriptors. The child runs the one test with pytest (the
+users' image has it); in an image without pytest it falls back to the standard library:
+module-level `test_*` functions with plain `assert`, and `unittest.TestCase` classes. Tests
+are found by reading the test files' syntax (`ast`), never by importing them here. The last
+line it prints is the JSON result.
 
     runner.py <tests folder> <submission folder> <seconds per test>
 """
@@ -30,22 +31,51 @@ CHILD = r"""
 import importlib.util, os, sys, unittest
 
 
-def main(token, out):
-    tests, submission, file, name = sys.argv[1:5]
-    sys.path[:0] = [submission, tests]
+class Outcomes:
+    # Passed means every phase reported and none failed or skipped: a submission that calls
+    # pytest.skip() in the code under test does not pass.
+    def __init__(self):
+        self.seen = []
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or report.outcome != "passed":
+            self.seen.append(report.outcome)
+
+
+def with_pytest(pytest, tests, file, name):
+    outcomes = Outcomes()
+    node = tests + "/" + file + "::" + name.replace(".", "::")
+    code = pytest.main(["-q", "--no-header", "-p", "no:cacheprovider", "-o", "addopts=",
+                        "--rootdir", tests, node], plugins=[outcomes])
+    return code == 0 and outcomes.seen and set(outcomes.seen) == {"passed"}
+
+
+def with_unittest(tests, file, name):
     spec = importlib.util.spec_from_file_location(file[:-3], tests + "/" + file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if "." in name:
-        cls, method = name.split(".", 1)
-        result = unittest.TestResult()
-        getattr(module, cls)(method).run(result)
-        for _, text in result.failures + result.errors:
-            print(text)
-        if result.testsRun != 1 or result.failures or result.errors or result.skipped:
-            sys.exit(1)
-    else:
+    if "." not in name:
         getattr(module, name)()
+        return True
+    cls, method = name.split(".", 1)
+    result = unittest.TestResult()
+    getattr(module, cls)(method).run(result)
+    for _, text in result.failures + result.errors:
+        print(text)
+    return result.testsRun == 1 and not (result.failures or result.errors or result.skipped)
+
+
+def main(token, out):
+    tests, submission, file, name = sys.argv[1:5]
+    sys.path[:0] = [submission, tests]
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the image's pytest alone, as installed
+    try:
+        import pytest
+    except ImportError:
+        pytest = None
+    passed = with_pytest(pytest, tests, file, name) if pytest else with_unittest(tests, file, name)
+    if not passed:
+        sys.exit(1)
     sys.stdout.flush()
     os.write(out, token)
     os._exit(0)
@@ -57,7 +87,7 @@ main(sys.stdin.buffer.readline().strip(), int(sys.argv[5]))
 
 def found_tests(folder: Path) -> list[tuple[str, str]]:
     found = []
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(p for p in folder.glob("*.py") if p.name != "conftest.py"):
         for node in ast.parse(path.read_text(encoding="utf-8", errors="replace")).body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
                 found.append((path.name, node.name))
