@@ -20,8 +20,8 @@ class TerminalClient:
 
     @classmethod
     async def open(cls, client: Client, tab: str = "1", origin: str | None = None,
-                   query: str | None = None) -> TerminalClient:
-        url = client.base_url.replace("http", "ws", 1) + "/terminal/ws?" + (query or f"tabId={tab}")
+                   query: str | None = None, path: str = "/terminal/ws") -> TerminalClient:
+        url = client.base_url.replace("http", "ws", 1) + path + "?" + (query or f"tabId={tab}")
         headers = {"Cookie": client.cookie_header()}
         if origin:
             headers["Origin"] = origin

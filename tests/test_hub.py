@@ -38,7 +38,7 @@ class FakeBackend(ContainerBackend):
             raise self.ensure_error
         return Box(user=user, ref=f"box-{user.user_id}")
 
-    def attach_command(self, box: Box, tab_id: str, client_id: str) -> AttachCommand:
+    def attach_command(self, box: Box, tab_id: str, client_id: str, read_only: bool = False) -> AttachCommand:
         env = {"PS1": f"[{tab_id}]$ ", "INPUTRC": "/dev/null", "CLIENT_ID": client_id}
         return AttachCommand(argv=list(self.argv), env=env, cwd=str(box.user.workspace))
 

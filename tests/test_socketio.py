@@ -10,6 +10,7 @@ import dataclasses
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -26,6 +27,7 @@ import socketio
 from threecompute.containers.backend import AttachCommand, BackendError, Box
 from threecompute.handlers.auth import dev_user_id
 from threecompute.handlers.terminal import close_all_sockets
+from threecompute.terminal_frames import LOST_TERMINAL_MESSAGE
 
 from .conftest import FRONTEND, Client
 
@@ -266,6 +268,29 @@ async def test_exit_in_the_shell_disconnects_the_client(sio_url, login):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_terminal_that_lost_its_container_says_so_and_the_client_can_come_back(sio_url, login, services):
+    """The attach command killed (as when its engine or node dies): an `error` event that says
+    to reconnect, then the connection drops; a new connection gets a working shell."""
+    cookie = await login("lost@example.com")
+    term = Term(sio_url, cookie, tab="1")
+    await term.connect()
+    try:
+        await run(term, "echo up-$((1+1))", "up-2")
+        (terminal,) = services.hub.terminals()
+        os.kill(terminal.session.pid, signal.SIGKILL)
+        await until(lambda: term.errors() == [LOST_TERMINAL_MESSAGE], "the lost-terminal error", term)
+        await until(lambda: ("disconnect",) in term.events, "the dropped connection", term)
+    finally:
+        await term.close()
+    again = Term(sio_url, cookie, tab="1")
+    await again.connect()
+    try:
+        await run(again, "echo back-$((40+2))", "back-42")
+    finally:
+        await again.close()
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_malformed_events_get_errors_and_the_session_stays_up(sio_url, login):
     term = Term(sio_url, await login(), tab="3")
     await term.connect()
@@ -392,7 +417,7 @@ async def test_origin_rule_and_cors_on_the_handshake(client):
 # -- flow control ------------------------------------------------------------------------
 
 
-def bare_shell(box: Box, tab_id: str, client_id: str) -> AttachCommand:
+def bare_shell(box: Box, tab_id: str, client_id: str, read_only: bool = False) -> AttachCommand:
     """bash without tmux in front: tmux redraws instead of streaming, which hides a flood."""
     env = {"PS1": "$ ", "HOME": str(box.user.workspace), "PATH": os.environ.get("PATH", os.defpath)}
     return AttachCommand(argv=["bash", "--norc", "--noprofile", "-i"], env=env, cwd=str(box.user.workspace))

@@ -142,6 +142,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/download/(.*)", files.DownloadHandler),
         (r"/terminal/ws", terminal.TerminalSocket),
         (r"/terminal/close-tab", terminal.CloseTabHandler),
+        (r"/classrooms/([^/]+)/students/([^/]+)/terminal/ws", terminal.TerminalWatchSocket),
         (r"/github-webhook", webhook.GithubWebhookHandler),
         (r"/healthz", ops.HealthHandler),
         (r"/metrics", ops.MetricsHandler),

@@ -40,7 +40,7 @@ ACCESS_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read a
 ACCESS_CODE_LENGTH = 8
 SLUG = re.compile(r"[^a-z0-9]+")
 SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,99}")
-TEST_FILE = re.compile(r"(test_[A-Za-z0-9_]+|[A-Za-z0-9_]+_test)\.py")
+TEST_FILE = re.compile(r"(test_[A-Za-z0-9_]+|[A-Za-z0-9_]+_test|conftest)\.py")
 MAX_STARTER_FILES = 200
 MAX_STARTER_BYTES = 1024 * 1024
 BACKUP_SUFFIX = ".backup-"
@@ -240,6 +240,13 @@ class Classrooms:
                               classroom_id, user_id)
         return None if row is None else row["role"]
 
+    async def may_watch(self, viewer: User, classroom_id: str, student_id: str) -> bool:
+        """Whether `viewer` instructs the classroom (an admin instructs every one) and
+        `student_id` is one of its students: who may see that student's terminals."""
+        if await self.member_role(classroom_id, student_id) != "student":
+            return False
+        return await self.role_of(viewer) == "admin" or await self.member_role(classroom_id, viewer.id) == "instructor"
+
     async def for_user(self, user_id: str) -> list[tuple[Classroom, str]]:
         rows = await self._all("SELECT c.*, m.role AS member_role FROM classrooms c JOIN classroom_members m"
                                " ON m.classroom_id = c.id WHERE m.user_id = ? ORDER BY c.created_at, c.id", user_id)
@@ -335,8 +342,9 @@ class Classrooms:
         name = _name(body.get("name"))
         starter = _text_files(body.get("files", {}), "files", MAX_STARTER_FILES)
         tests = _text_files(body.get("tests"), "tests", 20)
-        if not tests or not all(TEST_FILE.fullmatch(p) for p in tests):
-            raise ClassroomError(400, "tests must hold one or more test_*.py files (no folders)")
+        if not all(TEST_FILE.fullmatch(p) for p in tests) or set(tests) <= {"conftest.py"}:
+            raise ClassroomError(400, "tests must hold one or more test_*.py files and at most a "
+                                      "conftest.py (no folders)")
         slug = _slug(name)
         if await self._one("SELECT id FROM assignments WHERE classroom_id = ? AND slug = ?", classroom_id, slug):
             raise ClassroomError(409, "this classroom has an assignment of that name")

@@ -11,10 +11,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from .pty import PtyInputOverflow, Terminal
+from .pty import PtyInputOverflow, ReadOnlyTerminal, Terminal
 
 MAX_DIMENSION = 1000
 MAX_PENDING_FRAMES = 64  # frames typed before the terminal is attached
+# The attach command failed (its engine, its node or its container gone): both transports say so.
+LOST_TERMINAL_MESSAGE = "the terminal lost its container; reconnect to get a fresh one"
+
+
+def lost_its_container(terminal: Terminal) -> bool:
+    """Whether the program ended by failing rather than by the user's `exit`."""
+    return terminal.session.exit_status not in (0, None)
 
 
 class FrameError(ValueError):
@@ -81,5 +88,5 @@ class InputRouter:
             return
         try:
             self._terminal.write(frame["input"])
-        except PtyInputOverflow as exc:
+        except (PtyInputOverflow, ReadOnlyTerminal) as exc:
             self._report_error(str(exc))

@@ -58,6 +58,15 @@ def tmux_session_name(tab_id: str) -> str:
     return f"tab{tab_id}"
 
 
+def tmux_attach_args(tab_id: str, read_only: bool) -> list[str]:
+    """tmux arguments that attach a client to tab `tab_id`: made if missing, or for a
+    watcher, only an existing one, read-only and never resizing the owner's window."""
+    session = tmux_session_name(tab_id)
+    if read_only:
+        return ["attach-session", "-f", "read-only,ignore-size", "-t", f"={session}"]
+    return ["new-session", "-A", "-s", session]
+
+
 class ContainerBackend(abc.ABC):
     """Gives each user one place to run tmux sessions, and manages its lifetime."""
 
@@ -87,11 +96,11 @@ class ContainerBackend(abc.ABC):
         """Make the user's box ready (create, start or reuse). Raises BackendError."""
 
     @abc.abstractmethod
-    def attach_command(self, box: Box, tab_id: str, client_id: str) -> AttachCommand:
-        """The argv that attaches tab `tab_id` (tmux new-session -A) under a PTY.
+    def attach_command(self, box: Box, tab_id: str, client_id: str, read_only: bool = False) -> AttachCommand:
+        """The argv that attaches tab `tab_id` (`tmux_attach_args`) under a PTY.
 
         `client_id` names this one attachment so that `detach` can end exactly its tmux
-        client and nothing else.
+        client and nothing else. `read_only`: a watcher's client of an existing tab.
         """
 
     @abc.abstractmethod

@@ -60,6 +60,7 @@ from threecompute.containers.backend import (
     Box,
     ContainerBackend,
     UserRef,
+    tmux_attach_args,
     tmux_session_name,
 )
 from threecompute.containers.firewall import Firewall
@@ -91,7 +92,7 @@ STALE_CLIENT_SECONDS = 30.0  # a recorded client no terminal owns is hung up aft
 ATTACH_SCRIPT = (
     "d={dir}; f=$d/{cid}; mkdir -p $d; echo $$ > $f; "
     "if [ -e $f.gone ]; then rm -f $f $f.gone; exit 0; fi; "
-    "exec tmux new-session -A -s {session}"
+    "exec tmux {attach}"
 )
 DETACH_SCRIPT = (
     "mkdir -p {dir}; f={dir}/{cid}; touch $f.gone; "
@@ -471,9 +472,9 @@ class DockerBackend(ContainerBackend):
 
     # -- terminals --------------------------------------------------------------------------
 
-    def attach_command(self, box: Box, tab_id: str, client_id: str) -> AttachCommand:
+    def attach_command(self, box: Box, tab_id: str, client_id: str, read_only: bool = False) -> AttachCommand:
         script = ATTACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id),
-                                      session=tmux_session_name(tab_id))
+                                      attach=shlex.join(tmux_attach_args(tab_id, read_only)))
         self._live_clients.add(client_id)
         argv = [self.docker_cli, *self._cli_host_args(box.ref), "exec", "-it", "-e", "TERM=xterm-256color",
                 "-w", "/app", box.ref, "sh", "-c", script]

@@ -32,6 +32,7 @@ from threecompute.containers.backend import (
     Box,
     ContainerBackend,
     UserRef,
+    tmux_attach_args,
     tmux_session_name,
 )
 from threecompute.containers.reaper import SHELLS
@@ -77,8 +78,8 @@ class LocalBackend(ContainerBackend):
         user.workspace.mkdir(parents=True, exist_ok=True)
         return Box(user=user, ref=str(user.workspace))
 
-    def attach_command(self, box: Box, tab_id: str, client_id: str) -> AttachCommand:
-        argv = [*self._tmux_argv(box.user), "new-session", "-A", "-s", tmux_session_name(tab_id)]
+    def attach_command(self, box: Box, tab_id: str, client_id: str, read_only: bool = False) -> AttachCommand:
+        argv = [*self._tmux_argv(box.user), *tmux_attach_args(tab_id, read_only)]
         env = {
             "TERM": "xterm-256color",
             "HOME": box.ref,

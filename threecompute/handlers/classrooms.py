@@ -347,6 +347,17 @@ class StudentFilesHandler(ClassroomBase):
         self.answer(await self.in_executor(look))
 
 
+class StudentTabsHandler(ClassroomBase):
+    """An instructor's look at which terminal tabs a student has (to watch one)."""
+
+    async def get(self, classroom_id: str, user_id: str) -> None:
+        await self.classroom_for(classroom_id, instructor=True)
+        student = await self.services.store.get_user(user_id)
+        if student is None or await self.model.member_role(classroom_id, user_id) != "student":
+            raise HTTPError(404, "not a student of this classroom")
+        self.answer({"tabs": student.tabs, "active_tab": student.active_tab})
+
+
 # -- admin ------------------------------------------------------------------------------
 
 
@@ -473,6 +484,7 @@ def classroom_routes() -> list[tuple[str, type]]:
         (f"{a}/run", RunHandler),
         (f"{a}/results", ResultsHandler),
         (rf"{a}/files/{ID}", StudentFilesHandler),
+        (rf"{c}/students/{ID}/tabs", StudentTabsHandler),
         (r"/admin/users", AdminUsersHandler),
         (rf"/admin/users/{ID}", AdminUserHandler),
         (rf"/admin/users/{ID}/role", AdminRoleHandler),

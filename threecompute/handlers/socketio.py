@@ -56,7 +56,7 @@ from ..containers.backend import TAB_ID, BackendError
 from ..identity import COOKIE_NAME, Identity
 from ..pty.hub import Terminal
 from ..services import Services
-from ..terminal_frames import FrameError, InputRouter, parse_event
+from ..terminal_frames import LOST_TERMINAL_MESSAGE, FrameError, InputRouter, lost_its_container, parse_event
 from .base import origin_allowed
 from .terminal import MAX_FRAME_BYTES, wants_files_changed
 from .ws_protocol import ClosingWebSocketHandler
@@ -184,8 +184,20 @@ class SocketIOTerminal:
             await self.services.hub.close(self.terminal)
 
     def on_terminal_exit(self) -> None:
-        """The shell ended (the user typed `exit`): the tab is over."""
-        self.transport.spawn(self.disconnect())
+        """The shell ended (the user typed `exit`): the tab is over. A failed attach command
+        (its engine, node or container gone) is an `error` event and then the Engine.IO
+        connection dropped, as at shutdown, so that the client reconnects by itself."""
+        self.transport.spawn(self._after_exit())
+
+    async def _after_exit(self) -> None:
+        if self.terminal is not None:
+            await self.terminal.session.wait_closed()
+            if lost_its_container(self.terminal):
+                await self._deliver("error", {"message": LOST_TERMINAL_MESSAGE}, wait=False)
+                await self._queue_taken(timeout=CLOSE_GRACE_SECONDS)
+                await self.close_engine()
+                return
+        await self.disconnect()
 
     def close(self, code: int = 1001, reason: str = "") -> None:
         """Server shutdown (`close_all_sockets`): drop the Engine.IO connection itself.

@@ -1,4 +1,5 @@
-"""The terminal WebSocket (`/terminal/ws?tabId=`) and `POST /terminal/close-tab`.
+"""The terminal WebSocket (`/terminal/ws?tabId=`), an instructor's read-only view of a
+student's tab, and `POST /terminal/close-tab`.
 
 The socket only translates JSON frames to and from the terminal hub: identity, Origin and
 tab id are checked before the upgrade; the container is made ready after it (so a slow or
@@ -19,7 +20,7 @@ import tornado.websocket
 from ..containers.backend import TAB_ID, BackendError, UserRef
 from ..pty import Terminal, TerminalLimit
 from ..services import Services
-from ..terminal_frames import FrameError, InputRouter, parse_frame
+from ..terminal_frames import LOST_TERMINAL_MESSAGE, FrameError, InputRouter, lost_its_container, parse_frame
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
 from .ws_protocol import ClosingWebSocketHandler
 
@@ -64,14 +65,19 @@ class TerminalSocket(ClosingWebSocketHandler):
         self.attaching: asyncio.Task | None = None
         self.input = InputRouter(self.send_error_frame)
         self.unwatch_files: Callable[[], None] | None = None
+        self.watcher: str | None = None  # set for a read-only view: who watches
+
+    def tab_argument(self) -> str:
+        tab_id = self.get_query_argument("tabId", "1")
+        if not TAB_ID.match(tab_id):
+            raise HTTPError(400, "tabId must be 1-32 letters or digits")
+        return tab_id
 
     async def prepare(self) -> None:
         identity = current_identity(self, self.services)
         if identity is None:
             raise HTTPError(401, "unauthenticated")
-        self.tab_id = self.get_query_argument("tabId", "1")
-        if not TAB_ID.match(self.tab_id):
-            raise HTTPError(400, "tabId must be 1-32 letters or digits")
+        self.tab_id = self.tab_argument()
         user = await self.services.terminal_user(identity.user_id)
         if user is None:
             raise HTTPError(401, "unauthenticated")
@@ -86,10 +92,10 @@ class TerminalSocket(ClosingWebSocketHandler):
 
     # -- lifetime ------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, *path_args: str) -> None:
         self.set_nodelay(True)  # so a 1009 close frame is not lost in the reset that follows it
         self.services.open_sockets.add(self)
-        if wants_files_changed(self.get_query_argument("events", "")):
+        if self.watcher is None and wants_files_changed(self.get_query_argument("events", "")):
             self.unwatch_files = self.services.hub.files.watch(self.user.user_id, self.send_files_changed)
         self.attaching = asyncio.ensure_future(self.attach())
 
@@ -97,7 +103,7 @@ class TerminalSocket(ClosingWebSocketHandler):
         try:
             self.terminal = await self.services.hub.open(
                 self.user, self.tab_id, rows=24, cols=80, send=self.send_output, on_exit=self.on_terminal_exit,
-                progress=self.send_progress)
+                progress=self.send_progress, watcher=self.watcher)
         except TerminalLimit as exc:
             self.send_error_frame(str(exc))
             self.close(TRY_AGAIN_LATER, "try again later")
@@ -138,8 +144,10 @@ class TerminalSocket(ClosingWebSocketHandler):
     async def _close_after_exit(self) -> None:
         if self.terminal is not None:
             await self.terminal.session.wait_closed()
-            if self.terminal.session.exit_status not in (0, None):
-                self.send_error_frame("the terminal lost its container; reconnect to get a fresh one")
+            if lost_its_container(self.terminal) and self.watcher is not None:
+                self.send_error_frame(f"tab {self.tab_id} is not open")  # a watcher never makes one
+            elif lost_its_container(self.terminal):
+                self.send_error_frame(LOST_TERMINAL_MESSAGE)
                 self.close(TERMINAL_UNAVAILABLE, "terminal lost")
                 return
         self.close(1000, "terminal exited")
@@ -169,6 +177,28 @@ class TerminalSocket(ClosingWebSocketHandler):
     def send_files_changed(self) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
             self.write_message(FILES_CHANGED_FRAME)
+
+
+class TerminalWatchSocket(TerminalSocket):
+    """`/classrooms/{id}/students/{user_id}/terminal/ws?tabId=`: an instructor of the
+    classroom watches one existing tab of one of its students. Output and resize only: input
+    frames are answered with an error frame, and the student's window keeps its size."""
+
+    async def prepare(self) -> None:
+        identity = current_identity(self, self.services)
+        if identity is None:
+            raise HTTPError(401, "unauthenticated")
+        self.tab_id = self.tab_argument()
+        classroom_id, student_id = self.path_args
+        viewer = await self.services.store.get_user(identity.user_id)
+        if viewer is None:
+            raise HTTPError(401, "unauthenticated")
+        if not await self.services.classrooms.may_watch(viewer, classroom_id, student_id):
+            raise HTTPError(404, "no such student in your classrooms")
+        user = await self.services.terminal_user(student_id)
+        if user is None:
+            raise HTTPError(404, "no such student in your classrooms")
+        self.user, self.watcher = user, viewer.id
 
 
 class CloseTabHandler(BaseHandler):

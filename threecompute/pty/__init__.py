@@ -1,7 +1,7 @@
 """Terminals: one PTY per attached client (`session`), and the hub that tracks them (`hub`)."""
 
-from .hub import Terminal, TerminalHub, TerminalLimit, TerminalLimits
+from .hub import ReadOnlyTerminal, Terminal, TerminalHub, TerminalLimit, TerminalLimits
 from .session import FlowLimits, PtyInputOverflow, PtySession, PtyStats
 
-__all__ = ["FlowLimits", "PtyInputOverflow", "PtySession", "PtyStats", "Terminal", "TerminalHub", "TerminalLimit",
-           "TerminalLimits"]
+__all__ = ["FlowLimits", "PtyInputOverflow", "PtySession", "PtyStats", "ReadOnlyTerminal", "Terminal", "TerminalHub",
+           "TerminalLimit", "TerminalLimits"]

@@ -71,6 +71,10 @@ def add_stats(totals: dict[str, int], stats: PtyStats) -> None:
         totals[total] += getattr(stats, name)
 
 
+class ReadOnlyTerminal(ValueError):
+    """Input for a watcher's terminal."""
+
+
 class TerminalLimit(BackendError):
     """A terminal refused by a limit: try again later (WebSocket close 1013)."""
 
@@ -91,6 +95,7 @@ class Terminal:
     client_id: str
     box: Box
     session: PtySession
+    watcher: str | None = None  # who watches, read-only (an instructor), charged for the slot
     opened_at: float = field(default_factory=time.monotonic)
     on_first_resize: Callable[[], None] | None = field(default=None, repr=False)
     _closing: asyncio.Future | None = field(default=None, repr=False)
@@ -100,12 +105,18 @@ class Terminal:
         return self.user.user_id
 
     @property
+    def slot_owner(self) -> str:
+        return self.watcher or self.user.user_id
+
+    @property
     def closed(self) -> bool:
         """True once closing started (by the hub) or the program inside ended."""
         return self._closing is not None or self.session.closed
 
     def write(self, text: str) -> None:
         """Keyboard input. Raises PtyInputOverflow if the program stopped reading."""
+        if self.watcher is not None:
+            raise ReadOnlyTerminal("this terminal is shown read-only; input is not sent")
         self.session.write(text)
 
     def resize(self, rows: int, cols: int) -> None:
@@ -225,7 +236,8 @@ class TerminalHub:
         self._closed_totals = dict.fromkeys(STAT_TOTALS, 0)
 
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
-                   on_exit: Callable[[], None], progress: Callable[[str], None] | None = None) -> Terminal:
+                   on_exit: Callable[[], None], progress: Callable[[str], None] | None = None,
+                   watcher: str | None = None) -> Terminal:
         """Attach a new client to the user's tab. Raises BackendError (nothing is registered then).
         Cancel it when the client goes away first: its slot is freed at once.
 
@@ -233,17 +245,22 @@ class TerminalHub:
         by itself (the hub then closes the terminal; closing it again is harmless);
         `progress(message)` hears while the user's container is being started. Raises
         TerminalLimit, before anything is started, past a limit.
+
+        `watcher`: the user id of someone who watches the tab read-only (an existing tab
+        only; the program's exit then means there was none). Their limits apply, not the
+        owner's.
         """
         self._refuse_if_shutting_down()
-        self._take_slot(user.user_id)
+        self._take_slot(watcher or user.user_id)
         try:
-            return await self._open(user, tab_id, rows, cols, send, on_exit, progress)
+            return await self._open(user, tab_id, rows, cols, send, on_exit, progress, watcher)
         except BaseException:  # registered terminals give their slot back when they close
-            self._release_slot(user.user_id)
+            self._release_slot(watcher or user.user_id)
             raise
 
     async def _open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
-                    on_exit: Callable[[], None], progress: Callable[[str], None] | None) -> Terminal:
+                    on_exit: Callable[[], None], progress: Callable[[str], None] | None,
+                    watcher: str | None) -> Terminal:
         started = time.monotonic()
         tell = progress or (lambda message: None)
         notice = asyncio.get_running_loop().call_later(PROGRESS_AFTER_SECONDS, tell, STARTING_MESSAGE)
@@ -261,7 +278,7 @@ class TerminalHub:
             self.metrics_out.container_start_seconds.observe(time.monotonic() - started)
         self._refuse_if_shutting_down()
         client_id = secrets.token_hex(8)
-        command = self.backend.attach_command(box, tab_id, client_id)
+        command = self.backend.attach_command(box, tab_id, client_id, read_only=watcher is not None)
         terminal: Terminal | None = None
 
         def exited() -> None:
@@ -277,7 +294,7 @@ class TerminalHub:
             raise BackendError(f"could not start the terminal: {exc}") from exc
         self._attach.add(time.monotonic() - started)
         self.metrics_out.attached(box.cold, time.monotonic() - started)
-        terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session)
+        terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session, watcher=watcher)
         # Not in _background: shutdown need not wait for a redraw.
         terminal.on_first_resize = lambda: self._spawn(self._redraw(terminal), self._redraws)
         self._register(terminal)
@@ -427,7 +444,7 @@ class TerminalHub:
         per_user = self._by_user.get(terminal.user_id, {})
         if per_user.pop(terminal.client_id, None) is None:
             return
-        self._release_slot(terminal.user_id)
+        self._release_slot(terminal.slot_owner)
         self._counters["terminals_closed_total"] += 1
         add_stats(self._closed_totals, terminal.session.stats)
         if not per_user:
