@@ -206,6 +206,79 @@ def test_a_tab_reconnects_by_itself_after_a_server_restart() -> None:
         steps.step("reconnected")
 
 
+def sign_out(page) -> None:  # noqa: ANN001
+    if page.locator("#classes").is_visible():
+        page.locator("#classes-close").click()
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url("**/sign-in")
+
+
+@pytest.mark.docker
+def test_a_teacher_hands_out_an_assignment_and_a_student_runs_its_tests() -> None:
+    """The class pages: a teacher creates a classroom and an assignment and publishes it, a
+    student joins by the code and runs the hidden tests (a real grading container), and the
+    teacher's progress table shows the score and a read-only view of the student's terminal."""
+    from playwright.sync_api import expect
+
+    env = {"ADMIN_EMAILS": "teacher@example.com", "GRADING_TIMEOUT_SECONDS": "60"}
+    with running_server("local", env) as server, browser_page("classes") as (page, steps):
+        sign_in(page, server.base_url, "teacher@example.com")
+        page.get_by_role("button", name="Classes").click()
+        page.get_by_label("New classroom").fill("Intro CS")
+        page.get_by_label("New classroom").press("Enter")
+        detail = page.locator("#class-detail")
+        expect(detail.locator("h3")).to_have_text("Intro CS")
+        code = detail.locator(".access-code").inner_text()
+        assert re.fullmatch(r"[A-Z2-9]{8}", code), code
+        detail.get_by_text("New assignment").click()
+        detail.get_by_label("Name").fill("Add two")
+        detail.get_by_label("Starter files").set_input_files(
+            [{"name": "solution.py", "mimeType": "text/x-python", "buffer": b"def add(a, b):\n    return None\n"}])
+        detail.get_by_label("Hidden tests").set_input_files([{"name": "test_add.py", "mimeType": "text/x-python",
+            "buffer": b"from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n\n"
+                      b"def test_zero():\n    assert add(0, 0) == 0\n"}])
+        detail.get_by_role("button", name="Add assignment").click()
+        detail.get_by_role("button", name="Publish").click()
+        expect(page.locator("#classes-message")).to_have_text("Published to 0 student(s).")
+        steps.step("published")
+        sign_out(page)
+
+        sign_in(page, server.base_url, "student@example.com")
+        page.get_by_role("button", name="Classes").click()
+        page.get_by_label("Join with a code").fill(code.lower())
+        page.get_by_label("Join with a code").press("Enter")
+        assignment = detail.locator(".assignment")
+        expect(assignment.locator("h4")).to_have_text("Add two")
+        expect(assignment.locator(".summary")).to_have_text("not run yet")
+        folder = re.search(r"in (classrooms/\S+)/", assignment.inner_text()).group(1)
+        expect(page.locator('#tree .entry[data-path="classrooms/"]')).to_have_count(1)  # the copy is there
+        status, _ = server.api(f"/file/{folder}/solution.py", session_cookie(page), "PUT",
+                               b"def add(a, b):\n    return a + b\n")
+        assert status in (200, 201)
+        assignment.get_by_role("button", name="Run tests").click()
+        expect(assignment.locator(".summary")).to_have_text("100 %: 2 passed, 0 failed", timeout=90_000)
+        expect(assignment.locator('.outcomes [data-outcome="passed"]')).to_have_count(2)
+        steps.step("graded")
+        page.locator("#classes-close").click()
+        run_in_terminal(page, "1", "echo watched-$((6*7))")
+        expect(screen(page, "1")).to_contain_text("watched-42")
+        sign_out(page)
+
+        sign_in(page, server.base_url, "teacher@example.com")
+        page.get_by_role("button", name="Classes").click()
+        page.get_by_role("button", name="Intro CS").click()
+        row = detail.locator("table.progress tbody tr")
+        expect(row).to_have_count(1)
+        expect(row.locator("th")).to_have_text("student@example.com")
+        expect(row.locator("td")).to_have_text(["100 %", "100 %", "Watch"])
+        steps.step("progress")
+        row.get_by_role("button", name="Watch the terminal of student@example.com").click()
+        watch = page.locator("#watch")
+        expect(watch).to_contain_text("student@example.com, tab 1 (read-only)")
+        expect(watch.locator(".xterm-rows")).to_contain_text("watched-42", timeout=30_000)
+        steps.step("watching")
+
+
 def test_the_sign_in_page_and_a_signed_out_workspace() -> None:
     from playwright.sync_api import expect
 

@@ -59,7 +59,7 @@ def free_port() -> int:
 class ServerProcess:
     """`server.py --dev` on a free loopback port and a temporary DATA_DIR, restartable."""
 
-    def __init__(self, backend: str, data_dir: Path) -> None:
+    def __init__(self, backend: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.flags = ["--dev", "--backend", backend, "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = {
@@ -68,7 +68,7 @@ class ServerProcess:
             "PORT_BASE": str(free_port_block(10 * 5)),
             "FRONTEND_ORIGIN_DEV": "http://frontend.test:3000",
             "IDLE_TIMEOUT_SECONDS": "600",
-        }
+        } | (env or {})
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / "server.log"
         self.process: subprocess.Popen | None = None
@@ -114,9 +114,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(backend: str) -> Iterator[ServerProcess]:
+def running_server(backend: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     folder = Path(tempfile.mkdtemp(prefix="3c-web-"))
-    server = ServerProcess(backend, folder / "data")
+    server = ServerProcess(backend, folder / "data", env)
     try:
         server.start()
         yield server

@@ -53,6 +53,18 @@ export const api = {
   move: (source, destination) => request('POST', '/move', { source, destination }),
   save: (path, text) => request('PUT', `/file/${filePath(path)}`, text),
   read: (path) => request('GET', `/file/${filePath(path)}`, undefined, { json: false }),
+  classrooms: () => request('GET', '/classrooms'),
+  createClassroom: (name) => request('POST', '/classrooms', { name }),
+  join: (code) => request('POST', '/classrooms/join', { code }),
+  newAccessCode: (id) => request('POST', `/classrooms/${id}/access-code`),
+  assignments: (id) => request('GET', `/classrooms/${id}/assignments`),
+  createAssignment: (id, body) => request('POST', `/classrooms/${id}/assignments`, body),
+  publish: (id, aid, dueAt = null) => request('POST', `/classrooms/${id}/assignments/${aid}/publish`, { due_at: dueAt }),
+  runTests: (id, aid, body = {}) => request('POST', `/classrooms/${id}/assignments/${aid}/run`, body),
+  results: (id, aid) => request('GET', `/classrooms/${id}/assignments/${aid}/results`),
+  restore: (id, aid) => request('POST', `/classrooms/${id}/assignments/${aid}/restore`, {}),
+  progress: (id) => request('GET', `/classrooms/${id}/progress`),
+  studentTabs: (id, userId) => request('GET', `/classrooms/${id}/students/${encodeURIComponent(userId)}/tabs`),
 };
 
 /**

@@ -1,8 +1,9 @@
-// The workspace page: who is signed in, the file tree, the editor and the terminals.
+// The workspace page: who is signed in, the file tree, the editor, the terminals and the classes.
 
 import '@xterm/xterm/css/xterm.css';
 import './app.css';
 import { api } from './api.js';
+import { Classes } from './classes.js';
 import { Editor } from './editor.js';
 import { FileTree } from './files.js';
 import { Terminals } from './terminals.js';
@@ -39,6 +40,7 @@ async function main() {
     onMoved: (source, destination) => editor.moved(source, destination),
     onDeleted: (path) => editor.deleted(path),
   });
+  new Classes({ dialog: $('#classes'), openButton: $('#open-classes'), onFilesChanged: () => files.changed() });
   const terminals = new Terminals({
     bar: $('#tabs'), host: $('#terminals'), status: $('#connection'),
     onFilesChanged: () => files.changed(),

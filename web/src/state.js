@@ -115,3 +115,36 @@ export function languageFor(name) {
     md: 'markdown', markdown: 'markdown',
   }[ext] || null;
 }
+
+/** A score (0–100 or null) as the class pages show it. */
+export function scoreText(score) {
+  return score === null || score === undefined ? '–' : `${Number(score).toFixed(1).replace(/\.0$/, '')} %`;
+}
+
+/** A due date (unix seconds or null) as the pages show it, in the browser's time zone. */
+export function dueText(dueAt, locale = undefined) {
+  if (!dueAt) return 'no due date';
+  return `due ${new Date(dueAt * 1000).toLocaleString(locale, { dateStyle: 'medium', timeStyle: 'short' })}`;
+}
+
+/** The teacher's progress table from GET /classrooms/{id}/progress: a header and one row per student. */
+export function progressTable(progress) {
+  const assignments = progress?.assignments || [];
+  const header = ['Student', ...assignments.map((a) => a.name), 'Total'];
+  const rows = (progress?.students || []).map((student) => [
+    student.email,
+    ...assignments.map((a) => {
+      const cell = student.assignments?.[a.id];
+      return cell && cell.score !== null && cell.score !== undefined ? scoreText(cell.score) : (cell?.status || 'not run');
+    }),
+    scoreText(student.total),
+  ]);
+  return { header, rows };
+}
+
+/** The hidden-test outcomes of one run as one line: "3 passed, 1 failed". */
+export function runSummary(run) {
+  if (!run) return 'not run yet';
+  if (run.status !== 'done') return `${run.status}: ${scoreText(run.score)}`;
+  return `${scoreText(run.score)}: ${run.passed} passed, ${run.failed} failed`;
+}

@@ -2,7 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   addTab, backoffDelay, buildTree, closeTab, folderOf, languageFor, moveTarget, nextTabId,
-  renameTab, shouldReconnect, sortedChildren, tabsFromServer, tabsToServer,
+  dueText, progressTable, renameTab, runSummary, scoreText, shouldReconnect, sortedChildren, tabsFromServer,
+  tabsToServer,
 } from '../src/state.js';
 
 test('backoff doubles from the base, is capped, and jitters within 20 %', () => {
@@ -57,4 +58,28 @@ test('folders, moves and languages', () => {
   assert.equal(moveTarget('src/lib/', ''), 'lib');
   assert.equal(languageFor('x.PY'), 'python');
   assert.equal(languageFor('Makefile'), null);
+});
+
+test('the progress table: a column per assignment, scores or the run state, the total', () => {
+  const progress = {
+    assignments: [{ id: 'a1', name: 'Add two' }, { id: 'a2', name: 'Loops' }],
+    students: [
+      { email: 'ann@example.com', total: 66.65, assignments: { a1: { status: 'done', score: 100 }, a2: { status: 'done', score: 33.3 } } },
+      { email: 'bob@example.com', total: 0, assignments: { a1: { status: 'not run', score: null }, a2: { status: 'timeout', score: null } } },
+    ],
+  };
+  assert.deepEqual(progressTable(progress), {
+    header: ['Student', 'Add two', 'Loops', 'Total'],
+    rows: [['ann@example.com', '100 %', '33.3 %', '66.7 %'], ['bob@example.com', 'not run', 'timeout', '0 %']],
+  });
+  assert.deepEqual(progressTable({}), { header: ['Student', 'Total'], rows: [] });
+  assert.equal(scoreText(null), '–');
+});
+
+test('a run in one line, and due dates', () => {
+  assert.equal(runSummary(null), 'not run yet');
+  assert.equal(runSummary({ status: 'done', score: 33.3, passed: 1, failed: 2 }), '33.3 %: 1 passed, 2 failed');
+  assert.equal(runSummary({ status: 'timeout', score: 0 }), 'timeout: 0 %');
+  assert.equal(dueText(null), 'no due date');
+  assert.match(dueText(1767268800, 'en-GB'), /^due \d+ \w+ 2026/);
 });
