@@ -15,8 +15,9 @@ import sys
 import threading
 
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
 
-from threecompute import logs
+from threecompute import logs, memory
 from threecompute.app import make_app, make_http_server
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
@@ -47,7 +48,10 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGUSR1, log_resources, services)
+    trimming = PeriodicCallback(memory.trim, memory.TRIM_EVERY_SECONDS * 1000)
+    trimming.start()
     await stopping.wait()
+    trimming.stop()
     log.info("shutting down: closing terminals; user containers keep running")
     await shutdown(server, services)
 
@@ -65,6 +69,7 @@ def log_resources(services: Services) -> None:
     wait for a collection (connections kept in reference cycles by a failed call's
     traceback, say) are released by it, so what the line counts is what is really held."""
     collected = gc.collect()
+    memory.trim()
     log.info("resources: %d terminal(s), %d descriptor(s), %d thread(s); %d unreachable object(s) collected",
              len(services.hub.terminals()), len(os.listdir("/proc/self/fd")), threading.active_count(), collected)
 
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_format, settings.debug)
     raise_open_file_limit()
+    memory.limit_arenas()  # before the executors start their threads
     if settings.secret_generated:
         log.warning("FLASK_SECRET is not set: using a random one for this run (--dev); sessions end with it")
     try:

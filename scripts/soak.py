@@ -40,6 +40,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import string
 import subprocess
@@ -151,8 +152,10 @@ class Ledger:
 
 
 @contextlib.contextmanager
-def soak_server(backend: str, users: int, disk_mb: int) -> Iterator[ServerProcess]:  # users: every identity
-    """bench.common's ServerProcess (limits on), with DATA_DIR on a tmpfs made here; all undone after."""
+def soak_server(backend: str, users: int, disk_mb: int,  # users: every identity
+                log_copy: Path) -> Iterator[ServerProcess]:
+    """bench.common's ServerProcess (limits on), with DATA_DIR on a tmpfs made here; all undone
+    after, except the server's log, copied to `log_copy`."""
     if os.geteuid() != 0:
         raise SystemExit("soak: needs root, to put DATA_DIR on a tmpfs of its own")
     root = Path(tempfile.mkdtemp(prefix="3compute-soak-"))
@@ -168,6 +171,8 @@ def soak_server(backend: str, users: int, disk_mb: int) -> Iterator[ServerProces
         yield server
     finally:
         server.stop()
+        with contextlib.suppress(OSError):
+            shutil.copyfile(server.log_path, log_copy)
         if backend == "docker":
             remove_containers(server.deployment)
         else:
@@ -782,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    with soak_server(args.spawn, args.users * args.identities + 10, args.disk_mb) as server:
+    log_copy = args.out.with_name(args.out.stem + "-server.log")
+    with soak_server(args.spawn, args.users * args.identities + 10, args.disk_mb, log_copy) as server:
         report = asyncio.run(drive(args, server))
         # Written before the clean-up, which can take minutes on a busy engine.
         args.out.parent.mkdir(parents=True, exist_ok=True)
