@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,11 @@ import docker
 import ptyprocess
 import pytest
 
+from tests.conftest import Client
 from tests.pty_reader import read_until
 from tests.terminal_client import TerminalClient
-from threecompute.containers import make_backend
+from tests.test_haproxy import free_block
+from threecompute.containers import deployment_id, make_backend
 from threecompute.containers.backend import BackendError, UserRef
 from threecompute.containers.swarm import SwarmBackend
 from threecompute.settings import Settings
@@ -284,3 +287,45 @@ def test_manager_down_and_back(backend, swarm):
             time.sleep(1)
     assert node_exec(node_of(backend, box.ref), box.ref, "pwd").strip() == "/app"
     assert asyncio.run(backend.health())["ok"] is True
+
+
+@pytest.fixture
+def swarm_cluster(swarm, postgres_server) -> Iterator[dict]:
+    """`scripts/cluster.sh up` with the Swarm backend: PostgreSQL, two replicas on the lab's
+    manager, HAProxy in front; `down` afterwards (it removes the services too)."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="3compute-swarm-cluster-")) / "c"
+    base = free_block(4)
+    env = os.environ | {"CLUSTER_DIR": str(folder), "CLUSTER_PORT": str(base), "PG_PORT": str(base + 3),
+                        "REPLICAS": "2", "CLUSTER_BACKEND": "swarm", "CLUSTER_FLAGS": "--dev",
+                        "DOCKER_HOST": node_sock(1), "PORT_BASE": "31000"}
+    try:
+        up = subprocess.run([str(ROOT / "scripts" / "cluster.sh"), "up"], env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield {"url": up.stdout.strip(), "dir": folder, "replicas": [f"http://127.0.0.1:{base + i}" for i in (1, 2)]}
+    finally:
+        subprocess.run([str(ROOT / "scripts" / "cluster.sh"), "down"], env=env, timeout=180)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+@pytest.mark.gen_test(timeout=240)
+async def test_replicas_behind_haproxy_share_one_service_per_user(swarm_cluster, swarm):
+    a, b = swarm_cluster["replicas"]
+    client = Client(a)
+    await client.dev_login("clustered@example.com")
+    terms = []
+    for base_url in (a, b, swarm_cluster["url"]):  # both replicas, then HAProxy's pick
+        via = Client(base_url)
+        via.cookies = client.cookies
+        term = await TerminalClient.open(via, tab="3")
+        terms.append(term)
+        await term.run("echo on-$(hostname)-$((6*7))", "-42", timeout=90)
+    await terms[0].run("export SHARED=one-tab; echo set-$((1+1))", "set-2")
+    await terms[2].run('echo "[$SHARED]"', "[one-tab]")  # the same tmux session, through HAProxy
+    for term in terms:
+        term.close()
+    deployment = deployment_id(swarm_cluster["dir"] / "data")
+    services = swarm.services.list(filters={"label": f"3compute.deployment={deployment}"})
+    assert len(services) == 1, [s.name for s in services]  # one service, whichever replica asked
