@@ -18,9 +18,10 @@ from .limits import UserLimits
 from .metrics import Metrics
 from .pty.hub import TerminalHub, TerminalLimits
 from .ratelimit import RateLimiter
-from .settings import Settings
+from .settings import ConfigError, Settings
 from .store import Store, User, open_store
 from .workspace import Workspaces
+from .workspace_disks import WorkspaceDisks, missing_tools
 
 CONTAINER_OWNER = (999, 995)
 
@@ -66,7 +67,19 @@ class Services:
         self.store.close()
 
 
+def workspace_disks(settings: Settings, owner: tuple[int, int] | None) -> WorkspaceDisks | None:
+    if settings.workspace_disks != "loop":
+        return None
+    if os.geteuid() != 0:
+        raise ConfigError("WORKSPACE_DISKS=loop needs root: it mounts each workspace's filesystem")
+    if missing := missing_tools():
+        raise ConfigError(f"WORKSPACE_DISKS=loop needs {', '.join(missing)} (apt-get install e2fsprogs mount)")
+    return WorkspaceDisks(settings.data_dir / "disks", settings.workspace_quota_mb * 2**20, owner)
+
+
 def build_services(settings: Settings, backend: ContainerBackend | None = None) -> Services:
+    owner = CONTAINER_OWNER if os.geteuid() == 0 else None
+    disks = workspace_disks(settings, owner)  # refused settings stop the start before anything opens
     settings.workspaces_dir.mkdir(parents=True, exist_ok=True)
     backend = backend or make_backend(settings)
     store = open_store(settings)
@@ -83,8 +96,8 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
         store=store,
         tokens=TokenCodec(settings.secret, settings.session_days * 86400),
         oauth=OAuthClient(settings),
-        workspaces=Workspaces(settings.workspaces_dir, CONTAINER_OWNER if os.geteuid() == 0 else None,
-                              quota_bytes=settings.workspace_quota_mb * 2**20),
+        workspaces=Workspaces(settings.workspaces_dir, owner, quota_bytes=settings.workspace_quota_mb * 2**20,
+                              disks=disks),
         backend=backend,
         hub=hub,
         deployer=Deployer(settings.deploy_command, metrics.deployed),

@@ -75,6 +75,7 @@ class Settings:
     tabs_rate: Rate | None = Rate(20, 200)
     signin_rate: Rate | None = Rate(10, 300)
     workspace_quota_mb: int = 0  # 0: none
+    workspace_disks: str = "none"  # "loop": each workspace an ext4 filesystem of the quota's size
     grading_concurrency: int = 2  # test runs at once (grading.py); the rest wait
     grading_timeout_seconds: float = 60.0
     grading_test_seconds: float = 10.0
@@ -250,6 +251,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     if port_base + PORTS_PER_USER - 1 > HIGHEST_PORT:
         raise ConfigError(f"PORT_BASE must leave room for {PORTS_PER_USER} ports up to {HIGHEST_PORT}, got {port_base}")
 
+    quota_mb, disks = _workspace_disks(env, args.backend)
     return Settings(
         host=host,
         port=port,
@@ -289,7 +291,8 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(50, 500)),
         tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(20, 200)),
         signin_rate=_rate(env, "SIGNIN_RATE_LIMIT", Rate(10, 300)),
-        workspace_quota_mb=_int(env, "WORKSPACE_QUOTA_MB", 0),
+        workspace_quota_mb=quota_mb,
+        workspace_disks=disks,
         grading_concurrency=_int(env, "GRADING_CONCURRENCY", 2, minimum=1),
         grading_timeout_seconds=_float(env, "GRADING_TIMEOUT_SECONDS", 60.0, minimum=1),
         grading_test_seconds=_float(env, "GRADING_TEST_SECONDS", 10.0, minimum=0.5),
@@ -297,6 +300,20 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         grading_cpus=_float(env, "GRADING_CPUS", 0.5, minimum=0.01),
         grading_pids=_int(env, "GRADING_PIDS", 64, minimum=16),
     )
+
+
+def _workspace_disks(env: Mapping[str, str], backend: str) -> tuple[int, str]:
+    """WORKSPACE_QUOTA_MB and WORKSPACE_DISKS, which only work together and not on Swarm."""
+    quota_mb = _int(env, "WORKSPACE_QUOTA_MB", 0)
+    disks = env.get("WORKSPACE_DISKS", "").strip().lower() or "none"
+    if disks not in ("none", "loop"):
+        raise ConfigError(f"WORKSPACE_DISKS must be none or loop, got {disks!r}")
+    if disks == "loop" and quota_mb <= 0:
+        raise ConfigError("WORKSPACE_DISKS=loop needs WORKSPACE_QUOTA_MB (the size of each workspace)")
+    if disks == "loop" and backend == "swarm":
+        raise ConfigError("WORKSPACE_DISKS=loop cannot serve --backend swarm: the workspaces are on every "
+                          "node's shared storage (set a quota on the NFS server instead)")
+    return quota_mb, disks
 
 
 def _database_url(env: Mapping[str, str]) -> str:

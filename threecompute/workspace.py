@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import codecs
 import errno
+import functools
 import json
+import logging
 import mimetypes
 import os
 import secrets
@@ -37,6 +39,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
+
+from .workspace_disks import DiskError, WorkspaceDisks
+
+log = logging.getLogger(__name__)
 
 FILE_MODE = 0o664
 FOLDER_MODE = 0o775
@@ -91,6 +97,20 @@ def _os_errors() -> Iterator[None]:
         if answer is None:
             raise
         raise WorkspaceError(*answer) from exc
+
+
+def _writer_errors(method: Callable[..., None]) -> Callable[..., None]:
+    """`_os_errors` for an AtomicWriter method, a full disk answered as the writer was told."""
+    @functools.wraps(method)
+    def wrapped(self: AtomicWriter, *args: bytes) -> None:
+        try:
+            with _os_errors():
+                method(self, *args)
+        except WorkspaceError as exc:
+            if exc.status == 507 and self._full is not None:
+                raise WorkspaceError(self._full.status, self._full.message) from exc
+            raise
+    return wrapped
 
 
 def _fd_path(fd: int) -> str:
@@ -198,9 +218,10 @@ class AtomicWriter:
     """
 
     def __init__(self, temp_dir: Path, mode: int, owner: Owner | None,
-                 place: Callable[[str], None]) -> None:
+                 place: Callable[[str], None], full: WorkspaceError | None = None) -> None:
         self._temp = str(temp_dir / f"{secrets.token_hex(8)}.tmp")
         self._place = place
+        self._full = full  # the answer to a full disk, when not the server's DISK_FULL
         self._lock = threading.Lock()
         self._done = False
         fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -211,14 +232,14 @@ class AtomicWriter:
             self.abort()
             raise
 
-    @_os_errors()
+    @_writer_errors
     def write(self, data: bytes) -> None:
         with self._lock:
             if self._file is None:
                 raise ValueError("writer already closed")
             self._file.write(data)
 
-    @_os_errors()
+    @_writer_errors
     def close(self) -> None:
         """No more bytes: flush them to disk and give back the descriptor."""
         with self._lock:
@@ -233,7 +254,7 @@ class AtomicWriter:
             finally:
                 file.close()
 
-    @_os_errors()
+    @_writer_errors
     def sync(self) -> None:
         """Everything written on disk and the writing ended (a full disk shows here at the
         latest); aborts on failure."""
@@ -243,7 +264,7 @@ class AtomicWriter:
             self.abort()
             raise
 
-    @_os_errors()
+    @_writer_errors
     def commit(self) -> None:
         with self._lock:
             if self._done:
@@ -334,10 +355,12 @@ class Workspace:
     """One user's workspace; get it from `Workspaces.for_user`."""
 
     def __init__(self, root: Path, owner: Owner | None, list_ttl: float, temp_dir: Path,
-                 quota_bytes: int = 0) -> None:
+                 quota_bytes: int = 0, own_disk: bool = False) -> None:
         self.root = root
         self.temp_dir = temp_dir
         self.quota_bytes = quota_bytes  # 0: no quota
+        # On a filesystem of its own (WORKSPACE_DISKS) that filesystem full is the quota reached.
+        self._full = WorkspaceError(413, self._over_quota()) if own_disk else None
         self._root_real = os.path.realpath(root)
         self._owner = owner
         self._listing = _ListCache(list_ttl)
@@ -384,7 +407,7 @@ class Workspace:
             # Replacing a file keeps its permissions, so a script stays executable.
             mode = entry.mode if entry is not None else FILE_MODE
         return AtomicWriter(self.temp_dir, mode, self._owner,
-                            lambda temp: self._place(temp, parts, make_parents, created))
+                            lambda temp: self._place(temp, parts, make_parents, created), self._full)
 
     def _place(self, temp: str, parts: list[str], make_parents: bool, created: list[str] | None) -> None:
         """Rename a finished temporary file over the destination, resolved afresh."""
@@ -426,7 +449,10 @@ class Workspace:
     def check_room(self, extra: int) -> None:
         """413 when `extra` more bytes would pass WORKSPACE_QUOTA_MB (checked before writing)."""
         if self.quota_bytes and extra > 0 and self.usage() + extra > self.quota_bytes:
-            raise WorkspaceError(413, f"this would pass the workspace quota of {self.quota_bytes // 2**20} MB")
+            raise WorkspaceError(413, self._over_quota())
+
+    def _over_quota(self) -> str:
+        return f"this would pass the workspace quota of {self.quota_bytes // 2**20} MB"
 
     def remove_empty_folders(self, folders: list[str]) -> None:
         """Undo `created`: remove each folder, deepest first, if it is still an empty folder."""
@@ -732,9 +758,10 @@ class Workspaces:
     """Hands out each user's `Workspace`, creating its folder once, and keeps it (and its cache)."""
 
     def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25,
-                 quota_bytes: int = 0) -> None:
+                 quota_bytes: int = 0, disks: WorkspaceDisks | None = None) -> None:
         self.base_dir = base_dir
         self.quota_bytes = quota_bytes
+        self.disks = disks  # WORKSPACE_DISKS: each workspace a filesystem of its own
         # Beside the workspaces (DATA_DIR/tmp), so that renames into them stay on one filesystem.
         self.temp_base = base_dir.parent / "tmp"
         self._owner = owner
@@ -747,10 +774,25 @@ class Workspaces:
         with self._lock:
             workspace = self._workspaces.get(user_id)
             if workspace is None:
-                workspace = Workspace(self._make_root(user_id), self._owner, self._list_ttl,
-                                      self._make_temp_dir(user_id), self.quota_bytes)
+                root = self._make_root(user_id)
+                files, temp, own_disk = self._storage(root)
+                workspace = Workspace(files, self._owner, self._list_ttl, self._make_temp_dir(temp),
+                                      self.quota_bytes, own_disk)
                 self._workspaces[user_id] = workspace
             return workspace
+
+    def _storage(self, root: Path) -> tuple[Path, Path, bool]:
+        """Where the server works on workspace `root`, where its temporary files go, and
+        whether that is a filesystem of the workspace's own."""
+        if self.disks is not None:
+            try:
+                disk = self.disks.ensure(root)
+                return disk.files, disk.temp, True
+            except DiskError as exc:
+                if self.disks.image_of(root).exists():  # made, but cannot be mounted: its files are in it
+                    raise WorkspaceError(507, "the workspace's filesystem cannot be mounted") from exc
+                log.error("%s; serving it without one, so terminal writes are not held to the quota", exc)
+        return root, self.temp_base / root.name, False
 
     def remove(self, user_id: str) -> None:
         """Delete the user's workspace and temporary folder (links inside are not followed)."""
@@ -758,16 +800,18 @@ class Workspaces:
             self._workspaces.pop(user_id, None)
             if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:
                 raise WorkspaceError(400, f"bad user id: {user_id!r}")
+            if self.disks is not None:
+                self.disks.remove(self.base_dir / user_id)
             shutil.rmtree(self.base_dir / user_id, ignore_errors=True)
             shutil.rmtree(self.temp_base / user_id, ignore_errors=True)
 
-    def _make_temp_dir(self, user_id: str) -> Path:
+    @staticmethod
+    def _make_temp_dir(temp: Path) -> Path:
         """The user's temporary folder, emptied of what an earlier run left half-written.
 
         Only the server uses it (it is not in the workspace, nor in the container), so plain
         paths are safe in it.
         """
-        temp = self.temp_base / user_id
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(mode=0o700, parents=True)
         return temp
