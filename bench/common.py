@@ -61,6 +61,13 @@ Predicate = Callable[[str], bool]
 # -- ports, time, results ------------------------------------------------------------------
 
 
+def normal_priority() -> None:
+    """For a child that stands for the server's machine (the server, its engine): the nice value
+    of 0 even when the harness lowered its own (the soak's load stands for other machines)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
 def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket() as sock:
         try:
@@ -350,7 +357,8 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, cwd=self.root, env=self.environment(extra_env or {}),
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=normal_priority)
         self._wait_ready()
 
     def _wait_ready(self) -> None:

@@ -11,7 +11,10 @@ of `--identities` accounts in turn), keeps `--tabs` terminals busy like the load
 large `seq` output; scripts/loadtest.py's TabWorker), polls `/list-files` every 300 ms,
 writes files and uploads now and then, leaves after a while and comes back. A terminal
 that is cut is reopened a second later, as the frontend does. A bystander user types a
-key every 100 ms in a tab of its own, each timed until its echo.
+key every 100 ms in a tab of its own, each timed until its echo, from a process of its own.
+The simulated users stand for other machines' browsers, so they run at a lower priority
+(`--load-nice`, default 10) than the server, its engine and the bystander, which yields them
+the CPU when they need it, as they would have it with the clients elsewhere.
 
 Faults on a schedule (`--faults`, each kind once in a short run, the cheap ones repeated in
 a long one): `exec` kill -9 of random `docker exec` children of the server, `container`
@@ -38,6 +41,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -67,12 +71,12 @@ from bench.common import (  # noqa: E402
     HttpConnection,
     OurTerminal,
     ServerProcess,
-    TerminalClosed,
     dev_login,
     echo_once,
     free_port,
     free_port_block,
     machine_info,
+    normal_priority,
     percentile,
     remove_deployment,
     remove_tmux_sockets,
@@ -94,6 +98,46 @@ HTTP_TIMEOUT = 15.0
 DOCKERD_DOWN_SECONDS = 20.0
 SETTLE_AFTER_FAULT = 10.0  # seconds after a fault's end still counted inside its window
 BYSTANDER_EVERY = 0.1  # seconds between the bystander's keystrokes
+
+
+# -- the bystander, in a process of its own --------------------------------------------------
+
+
+def bystander_process(ws_url: str, cookie: str, started: float, stop: Any, out: Any) -> None:
+    """A key every BYSTANDER_EVERY seconds in a tab of its own, each timed until its echo, sent
+    to `out` as ("echo", t, seconds), ("timeout", t) or ("reconnect", t), t on the soak's clock.
+
+    A process of its own at normal priority, as a student's browser is a machine of its own:
+    the load's event loop and its lowered priority never sit in the bystander's figures."""
+    normal_priority()
+    asyncio.run(_bystander(ws_url, cookie, lambda: time.monotonic() - started, stop, out))
+
+
+async def _bystander(ws_url: str, cookie: str, now: Any, stop: Any, out: Any) -> None:
+    rng = random.Random("bystander")
+    while not stop.is_set():
+        term = None
+        try:
+            term = await OurTerminal.open(ws_url, cookie, "B", 60)
+            await wait_first_output(term, 60)
+            await term.settle(0.5)
+            typed = 0
+            while not stop.is_set() and not term.closed:
+                try:
+                    out.send(("echo", now(), await echo_once(term, rng.choice(string.ascii_lowercase), 5.0)))
+                except TimeoutError:
+                    out.send(("timeout", now()))
+                typed += 1
+                if typed % 40 == 0:
+                    await term.send("\x15")  # clear the line
+                    await term.settle(0.2, 2.0)
+                await asyncio.sleep(BYSTANDER_EVERY)
+        except Exception:  # a cut terminal, the server restarting: come back as the frontend does
+            out.send(("reconnect", now()))
+        finally:
+            if term is not None:
+                term.close()
+        await asyncio.sleep(1.0)
 
 
 # -- what is recorded ----------------------------------------------------------------------
@@ -332,35 +376,46 @@ class Soak:
                 conn.close()
 
     async def bystander(self) -> None:
-        """A key every BYSTANDER_EVERY seconds in a tab of its own, each timed until its echo."""
-        rng = random.Random("bystander")
+        """The bystander (`bystander_process`) in a process of its own; its figures recorded here."""
         cookie = await self.sign_in("bystander@example.com", self.stop)
-        while cookie is not None and not self.stop.is_set():
-            term = None
-            try:
-                term = await OurTerminal.open(self.server.ws_url, cookie, "B", 60)
-                await wait_first_output(term, 60)
-                await term.settle(0.5)
-                typed = 0
-                while not self.stop.is_set() and not term.closed:
-                    try:
-                        rtt = await echo_once(term, rng.choice(string.ascii_lowercase), 5.0)
-                        self.rec.bystander.append((self.rec.now(), rtt))
-                    except TimeoutError:
-                        self.rec.bystander_timeouts.append(self.rec.now())
-                    typed += 1
-                    if typed % 40 == 0:
-                        await term.send("\x15")  # clear the line
-                        await term.settle(0.2, 2.0)
-                    await self.pause(self.stop, BYSTANDER_EVERY)
-            except (TerminalClosed, TimeoutError, OSError, Exception):
-                self.rec.error("bystander_reconnect")
-            finally:
-                if term is not None:
-                    term.close()
-            await self.pause(self.stop, 1.0)
+        if cookie is None:
+            return
+        context = multiprocessing.get_context("spawn")
+        received, sending = context.Pipe(duplex=False)
+        stop = context.Event()
+        child = context.Process(target=bystander_process, daemon=True,
+                                args=(self.server.ws_url, cookie, self.rec.started, stop, sending))
+        child.start()
+        sending.close()
+        loop = asyncio.get_running_loop()
 
-    # -- the server's resources ----------------------------------------------------------
+        def drain() -> None:
+            try:
+                while received.poll():
+                    self.record_bystander(received.recv())
+            except (EOFError, OSError):
+                loop.remove_reader(received.fileno())
+
+        loop.add_reader(received.fileno(), drain)
+        try:
+            await self.stop.wait()
+        finally:
+            stop.set()
+            await asyncio.to_thread(child.join, 15)
+            if child.is_alive():
+                child.kill()
+            drain()
+            loop.remove_reader(received.fileno())
+            received.close()
+
+    def record_bystander(self, event: tuple) -> None:
+        kind, at, *rtt = event
+        if kind == "echo":
+            self.rec.bystander.append((at, rtt[0]))
+        elif kind == "timeout":
+            self.rec.bystander_timeouts.append(at)
+        else:
+            self.rec.error("bystander_reconnect")
 
     def measure(self) -> dict[str, float] | None:
         try:
@@ -521,7 +576,8 @@ def default_engine() -> list[psutil.Process]:
 
 def start_engine() -> int:
     """scripts/docker-engine.sh: starts dockerd the way the project does, if it is not answering."""
-    return subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], capture_output=True, timeout=300).returncode
+    return subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], capture_output=True, timeout=300,
+                          preexec_fn=normal_priority).returncode
 
 
 def fill_disk(filler: Path) -> int:
@@ -686,6 +742,9 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
 
 
 async def drive(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any]:
+    # The simulated users stand for other machines' browsers: on this one they yield the CPU to
+    # the server, its engine and the bystander (each started at normal priority).
+    os.setpriority(os.PRIO_PROCESS, 0, args.load_nice)
     soak = Soak(args, server)
     sampler = asyncio.ensure_future(soak.sampler())
     # Warm-up: a few users come, work and go, so that pools and caches exist before the baseline.
@@ -756,6 +815,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst-every", type=float, default=30.0)
     p.add_argument("--big-every", type=float, default=60.0)
     p.add_argument("--big-lines", type=int, default=20000)
+    p.add_argument("--load-nice", type=int, default=10, choices=range(20), metavar="0-19",
+                   help="nice value of the simulated users (the server, engine and bystander keep 0)")
     p.add_argument("--echo-limit-ms", type=float, default=ECHO_LIMIT_MS,
                    help="the bystander's echo p99 outside fault windows must stay under this")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "soak.json")
