@@ -593,6 +593,7 @@ class TermClient:
         self.closed = True
         if self._waiter is not None and not self._waiter[1].done():
             self._waiter[1].set_exception(TerminalClosed(reason))
+            self._waiter[1].exception()  # a waiter still gets it; one that left is no error to log
         self._waiter = None
 
     async def wait_for(self, pred: Predicate, timeout: float) -> float:
@@ -934,8 +935,10 @@ def running_ttyd(binary: Path, spec: AttachSpec) -> Iterator[TtydProcess]:
     port = free_port()
     argv = [str(binary), "--port", str(port), "--interface", "127.0.0.1", "--writable", "--url-arg",
             spec.argv[0]]
-    proc = subprocess.Popen(argv, env=spec.env, cwd=spec.cwd or ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with (RESULTS_DIR / "ttyd.log").open("wb") as log:  # its own account of a closed socket
+        proc = subprocess.Popen(argv, env=spec.env, cwd=spec.cwd or ROOT, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while port_is_free(port, "127.0.0.1"):
