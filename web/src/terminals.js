@@ -17,6 +17,22 @@ function socketUrl(tabId) {
   return `${scheme}//${location.host}/terminal/ws?tabId=${encodeURIComponent(tabId)}&events=files-changed`;
 }
 
+/** An xterm.js view with the page's look, opened in `element` and fitted to it. */
+export function openXterm(element, options = {}) {
+  const term = new Terminal({
+    cursorBlink: true,
+    fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',
+    fontSize: 14,
+    scrollback: 5000,
+    theme: { background: '#1e1e1e' },
+    ...options,
+  });
+  const fit = new FitAddon();
+  term.loadAddon(fit);
+  term.open(element);
+  return { term, fit };
+}
+
 /** One tab: its view, its connection and that connection's state. */
 class TerminalTab {
   constructor(id, host, { onState, onFilesChanged, onUnauthorized }) {
@@ -33,16 +49,7 @@ class TerminalTab {
     this.element.setAttribute('role', 'tabpanel');
     this.element.dataset.tab = id;
     host.append(this.element);
-    this.term = new Terminal({
-      cursorBlink: true,
-      fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',
-      fontSize: 14,
-      scrollback: 5000,
-      theme: { background: '#1e1e1e' },
-    });
-    this.fit = new FitAddon();
-    this.term.loadAddon(this.fit);
-    this.term.open(this.element);
+    ({ term: this.term, fit: this.fit } = openXterm(this.element));
     this.term.attachCustomKeyEventHandler((event) => this.key(event));
     this.term.onData((data) => this.input(data));
     this.term.onResize(({ rows, cols }) => this.send({ type: 'resize', data: { rows, cols } }));

@@ -1,7 +1,6 @@
 // A read-only view of a student's terminal tab for an instructor: output only, no input.
 
-import { Terminal } from '@xterm/xterm';
-import { FitAddon } from '@xterm/addon-fit';
+import { openXterm } from './terminals.js';
 
 function watchUrl(classroomId, userId, tabId) {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -14,17 +13,8 @@ export class TerminalWatch {
     this.element = document.createElement('div');
     this.element.className = 'watch-terminal';
     host.append(this.element);
-    this.term = new Terminal({
-      disableStdin: true,
-      cursorBlink: false,
-      fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',
-      fontSize: 13,
-      scrollback: 2000,
-      theme: { background: '#1e1e1e' },
-    });
-    this.fit = new FitAddon();
-    this.term.loadAddon(this.fit);
-    this.term.open(this.element);
+    ({ term: this.term, fit: this.fit } = openXterm(this.element,
+      { disableStdin: true, cursorBlink: false, fontSize: 13, scrollback: 2000 }));
     this.socket = new WebSocket(watchUrl(classroomId, userId, tabId));
     this.socket.onopen = () => {
       try {
