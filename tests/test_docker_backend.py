@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import random
@@ -38,6 +39,7 @@ from threecompute.containers.docker import (
     _engine_reason,
     engine_client,
     publish_address,
+    replica_tag,
 )
 from threecompute.containers.firewall import Firewall
 from threecompute.settings import Settings
@@ -173,14 +175,16 @@ def test_engine_reason_finds_the_os_error():
 
 
 def test_attach_command_shape_and_client_id_check(tmp_path):
-    backend = make_backend(Settings(data_dir=tmp_path))
+    settings = Settings(data_dir=tmp_path)
+    backend = make_backend(settings)
     assert isinstance(backend, DockerBackend)
     user = UserRef("u1", 8000, tmp_path / "w")
     argv = backend.attach_command(Box(user, "c0ffee"), "7", "abcdefgh").argv
     assert argv[1:8] == ["exec", "-it", "-e", "TERM=xterm-256color", "-w", "/app", "c0ffee"]
     assert argv[8:10] == ["sh", "-c"] and argv[10].endswith("exec tmux new-session -A -s tab7")
-    assert f"{CLIENTS_DIR}/abcdefgh" in argv[10].replace("$d", CLIENTS_DIR)
-    for bad in ("short", "x" * 65, "abc;rm -rf /", "abcdefgh\n"):
+    assert f"{CLIENTS_DIR}/{replica_tag(settings)}abcdefgh" in argv[10].replace("$d", CLIENTS_DIR)
+    assert replica_tag(settings) != replica_tag(dataclasses.replace(settings, port=settings.port + 1))
+    for bad in ("short", "x" * 57, "abc;rm -rf /", "abcdefgh\n"):
         with pytest.raises(ValueError):
             backend.attach_command(Box(user, "c0ffee"), "7", bad)
     with pytest.raises(ValueError):
@@ -671,6 +675,32 @@ def test_a_container_full_of_orphaned_clients_recovers_when_its_user_returns(eng
 
 @pytest.mark.docker
 @pytest.mark.skipif(os.geteuid() != 0, reason="reaping from the host needs root")
+def test_a_replica_never_hangs_up_another_replicas_clients(engine, settings_for, monkeypatch):
+    """Two servers on one engine (replicas behind a proxy): a user's tab through one stays
+    up when the user's next terminal goes through the other, however old the tab is."""
+    settings = settings_for()
+    first, second = DockerBackend(settings), DockerBackend(dataclasses.replace(settings, port=settings.port + 1))
+    user = make_user(settings, "twice")
+    box = asyncio.run(first.ensure(user))
+    proc = ptyprocess.PtyProcess.spawn(first.attach_command(box, "1", "viafirst01").argv, dimensions=(24, 80))
+    try:
+        proc.write(b"echo first-$((1+1))\r")
+        read_until(proc, "first-2")
+        monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)  # as if long open
+        asyncio.run(second.ensure(user))
+        time.sleep(1)
+        assert tmux_client_count(first, box.ref) == 1, "the other replica hung up a live tab"
+        proc.write(b"echo still-$((2+2))\r")
+        read_until(proc, "still-4")
+    finally:
+        proc.terminate(force=True)
+        proc.close()
+    asyncio.run(DockerBackend(settings).ensure(user))  # the first replica, restarted, cleans up after itself
+    assert wait_until(lambda: tmux_client_count(first, box.ref) == 0), process_names(first, box.ref)
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="reaping from the host needs root")
 def test_what_the_user_puts_in_the_clients_folder_reaches_nothing_else(engine, settings_for, monkeypatch):
     settings = settings_for()
     backend = DockerBackend(settings)
@@ -679,8 +709,9 @@ def test_what_the_user_puts_in_the_clients_folder_reaches_nothing_else(engine, s
     container = engine.containers.get(box.ref)
     # A FIFO (opening it blocking would hang the server), a link to a host file, and the pid of
     # a process that is not a tmux client (tini, pid 1), each under a name like a client id.
-    code, out = run_in(container, "sh", "-c", f"mkdir -p {CLIENTS_DIR} && cd {CLIENTS_DIR} && mkfifo fifo0000001 "
-                                              "&& ln -s /etc/hostname link0000001 && echo 1 > init0000001")
+    tag = replica_tag(settings)  # names this server would take for its own
+    code, out = run_in(container, "sh", "-c", f"mkdir -p {CLIENTS_DIR} && cd {CLIENTS_DIR} && mkfifo {tag}fifo0000001 "
+                                              f"&& ln -s /etc/hostname {tag}link0000001 && echo 1 > {tag}init0000001")
     assert code == 0, out
     monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)
     started = time.monotonic()
@@ -689,4 +720,4 @@ def test_what_the_user_puts_in_the_clients_folder_reaches_nothing_else(engine, s
     assert time.monotonic() - started < 10
     assert container.reload() or container.status == "running", "tini was signalled"
     left = run_in(container, "ls", "-A", CLIENTS_DIR)[1].split()
-    assert "init0000001" not in left and {"fifo0000001", "link0000001"} <= set(left), left
+    assert f"{tag}init0000001" not in left and {f"{tag}fifo0000001", f"{tag}link0000001"} <= set(left), left

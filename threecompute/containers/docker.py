@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
 import re
 import shlex
 import shutil
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -77,7 +79,8 @@ LABEL_USER = "3compute.user"
 CONTAINER_UID, CONTAINER_GID = 999, 995
 CONTAINER_USER = f"{CONTAINER_UID}:{CONTAINER_GID}"
 CLIENTS_DIR = f"/tmp/.{WRAPPER_MARK}-clients"
-CLIENT_ID = re.compile(r"[A-Za-z0-9]{8,64}")
+CLIENT_ID = re.compile(r"[A-Za-z0-9]{8,56}")
+CLIENT_RECORD = re.compile(r"[A-Za-z0-9]{16,64}")  # a replica's 8-character tag, then a client id
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 API_TIMEOUT = 60
 HEALTH_TIMEOUT = 3.0
@@ -178,6 +181,7 @@ class DockerBackend(ContainerBackend):
         self._adopted: set[str] = set()  # containers another replica made (and is starting)
         self._ids: dict[str, str] = {}
         self._live_clients: set[str] = set()  # client ids attached and not yet detached
+        self._replica = replica_tag(settings)  # the prefix of the client records this server makes
         self._running = 0
         self._counters = {"containers_created_total": 0, "ensure_errors_total": 0, "ensure_seconds_last": 0.0}
 
@@ -473,7 +477,7 @@ class DockerBackend(ContainerBackend):
     # -- terminals --------------------------------------------------------------------------
 
     def attach_command(self, box: Box, tab_id: str, client_id: str, read_only: bool = False) -> AttachCommand:
-        script = ATTACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id),
+        script = ATTACH_SCRIPT.format(dir=CLIENTS_DIR, cid=self._record(client_id),
                                       attach=shlex.join(tmux_attach_args(tab_id, read_only)))
         self._live_clients.add(client_id)
         argv = [self.docker_cli, *self._cli_host_args(box.ref), "exec", "-it", "-e", "TERM=xterm-256color",
@@ -481,7 +485,7 @@ class DockerBackend(ContainerBackend):
         return AttachCommand(argv=argv)
 
     async def detach(self, box: Box, client_id: str) -> None:
-        script = DETACH_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id))
+        script = DETACH_SCRIPT.format(dir=CLIENTS_DIR, cid=self._record(client_id))
         self._live_clients.discard(client_id)
         if self._host_side():
             try:
@@ -496,7 +500,7 @@ class DockerBackend(ContainerBackend):
             log.debug("detach %s from %s: %s", client_id, box.ref[:12], exc)
 
     async def redraw(self, box: Box, client_id: str, pid: int) -> None:
-        script = REDRAW_SCRIPT.format(dir=CLIENTS_DIR, cid=_client_id(client_id))
+        script = REDRAW_SCRIPT.format(dir=CLIENTS_DIR, cid=self._record(client_id))
         try:
             await self._run(self._exec, box.ref, ["sh", "-c", script])
         except (BackendError, docker.errors.APIError) as exc:
@@ -524,12 +528,16 @@ class DockerBackend(ContainerBackend):
         except docker.errors.APIError as exc:  # gone or not running: nothing to do
             log.debug("exec %s in %s: %s", cmd[0], ref[:12], _api_message(exc))
 
+    def _record(self, client_id: str) -> str:
+        """The name under which a client of this server is recorded in its container."""
+        return self._replica + _client_id(client_id)
+
     def _host_side(self) -> bool:
         """Whether tmux clients can be ended from the host: root, and the engine on this host."""
         return hostside.available() and self._engine_url().startswith("unix://")
 
     def _clients(self, container_id: str, init_pid: int) -> hostside.ContainerClients:
-        return hostside.ContainerClients(container_id, init_pid, CLIENTS_DIR, CLIENT_ID.fullmatch)
+        return hostside.ContainerClients(container_id, init_pid, CLIENTS_DIR, CLIENT_RECORD.fullmatch)
 
     def _hang_up_from_host(self, client: docker.DockerClient, ref: str, client_id: str) -> bool:
         """Hang up one recorded client with no process in the container; False if none is recorded."""
@@ -537,16 +545,19 @@ class DockerBackend(ContainerBackend):
         if not state["State"]["Pid"]:
             return True  # not running: no client left to end
         clients = self._clients(state["Id"], state["State"]["Pid"])
-        mine = [found for found in clients.recorded(time.time()) if found.client_id == client_id]
+        mine = [found for found in clients.recorded(time.time()) if found.client_id == self._record(client_id)]
         clients.hang_up(mine)
         return bool(mine)
 
     def _hang_up_stale(self, client: docker.DockerClient, container_id: str, init_pid: int) -> None:
-        """Hang up the recorded clients that no terminal of this server owns any more."""
+        """Hang up the clients this server (this process or an earlier one on the same host and
+        port) recorded and no terminal of it owns any more. Other replicas' are theirs."""
         try:
             clients = self._clients(container_id, init_pid)
+            live = {self._record(client_id) for client_id in self._live_clients}
             stale = [found for found in clients.recorded(time.time())
-                     if found.client_id not in self._live_clients and found.age > STALE_CLIENT_SECONDS]
+                     if found.client_id.startswith(self._replica) and found.client_id not in live
+                     and found.age > STALE_CLIENT_SECONDS]
             ended = clients.hang_up(stale)
         except OSError as exc:
             log.debug("cannot look at the tmux clients of pid %d: %s", init_pid, exc)
@@ -711,6 +722,12 @@ def engine_client(url: str | None, **kwargs: Any) -> docker.DockerClient:
                                                           max_pool_size=adapter.max_pool_size))
         adapter.close()
     return client
+
+
+def replica_tag(settings: Settings) -> str:
+    """Names a server among the replicas sharing an engine, the same across its restarts (host
+    name and port), so that it hangs up only tmux clients it left behind, not theirs."""
+    return hashlib.sha256(f"{socket.gethostname()}:{settings.port}".encode()).hexdigest()[:8]
 
 
 def _client_id(client_id: str) -> str:
