@@ -3,7 +3,15 @@ terminal connect is accepted and answered with an error frame naming the cause."
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+
 import pytest
+
+from threecompute.containers.backend import BackendError
+from threecompute.containers.docker import DockerBackend
+from threecompute.settings import Settings
 
 from .conftest import body_json
 from .terminal_client import TerminalClient
@@ -35,3 +43,21 @@ async def test_health_is_degraded_and_terminals_get_an_error_frame(engine_down, 
         pass
     assert term.connection.close_code == 1011
     assert body_json(await client.fetch("/list-files")) == {"files": []}  # the file API does not need Docker
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="firewall chains need root")
+def test_purge_with_the_engine_down_still_removes_the_firewall_chains(engine_down, tmp_path):
+    backend = DockerBackend(Settings(data_dir=tmp_path / "data"))
+    chain = f"3C-IN-{backend.deployment[:10]}"
+
+    async def start_then_purge() -> None:
+        await backend.start()
+        assert subprocess.run(["iptables", "-S", chain], capture_output=True).returncode == 0
+        with pytest.raises(BackendError):
+            await backend.purge()
+
+    try:
+        asyncio.run(start_then_purge())
+    finally:
+        backend.close()
+    assert subprocess.run(["iptables", "-S", chain], capture_output=True).returncode != 0, "the chain was left"

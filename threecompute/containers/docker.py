@@ -218,8 +218,10 @@ class DockerBackend(ContainerBackend):
         For tests and operators tearing a deployment down; the server itself never calls it.
         """
         await self.reaper.stop()
-        await self._run(self._purge)
-        await IOLoop.current().run_in_executor(self._pool, self.firewall.uninstall)
+        try:
+            await self._run(self._purge)
+        finally:  # an engine that is down holds no container, but the host still holds the chains
+            await IOLoop.current().run_in_executor(self._pool, self.firewall.uninstall)
 
     def _purge(self, client: docker.DockerClient) -> None:
         label = {"label": self._labels_filter()}
