@@ -33,6 +33,15 @@ export function openXterm(element, options = {}) {
   return { term, fit };
 }
 
+/** A server frame from a WebSocket message; null for one that is not JSON. */
+export function parseFrame(data) {
+  try {
+    return JSON.parse(data);
+  } catch {
+    return null;
+  }
+}
+
 /** One tab: its view, its connection and that connection's state. */
 class TerminalTab {
   constructor(id, host, { onState, onFilesChanged, onUnauthorized }) {
@@ -98,12 +107,8 @@ class TerminalTab {
   }
 
   receive(data) {
-    let frame;
-    try {
-      frame = JSON.parse(data);
-    } catch {
-      return;
-    }
+    const frame = parseFrame(data);
+    if (!frame) return;
     if (frame.type === 'pty-output') {
       if (!this.gotOutput) {
         this.gotOutput = true;

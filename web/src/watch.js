@@ -1,6 +1,6 @@
 // A read-only view of a student's terminal tab for an instructor: output only, no input.
 
-import { openXterm } from './terminals.js';
+import { openXterm, parseFrame } from './terminals.js';
 
 function watchUrl(classroomId, userId, tabId) {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -27,12 +27,8 @@ export class TerminalWatch {
   }
 
   receive(data) {
-    let frame;
-    try {
-      frame = JSON.parse(data);
-    } catch {
-      return;
-    }
+    const frame = parseFrame(data);
+    if (!frame) return;
     if (frame.type === 'pty-output') this.term.write(frame.data.output);
     else if (frame.type === 'error') this.note(frame.data.message);
   }
