@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import types
 import urllib.parse
 
 import jwt
 import pytest
 
-from threecompute.identity import COOKIE_NAME
+from threecompute import identity
+from threecompute.identity import COOKIE_NAME, VERIFIED_TOKENS_KEPT, TokenCodec
 from threecompute.services import build_services
 
 from .conftest import ADMIN, FRONTEND, SECRET, Client, body_json
@@ -111,6 +113,23 @@ async def test_bad_tokens_are_no_identity(client, make_token):
         answer = await client.fetch(path)
         assert answer.code == 401, (path, answer.body)
         assert body_json(answer) == {"error": "unauthenticated"}
+
+
+def test_a_verified_token_is_remembered_only_until_it_expires(monkeypatch):
+    codec = TokenCodec(SECRET, lifetime_seconds=3600)
+    token = codec.issue("u1", "u1@example.com")
+    assert codec.decode(token).user_id == "u1"
+    later = time.time() + 3601
+    monkeypatch.setattr(identity, "time", types.SimpleNamespace(time=lambda: later))
+    assert codec.decode(token) is None, "remembered past its expiry"
+
+
+def test_the_verified_tokens_kept_are_bounded():
+    codec = TokenCodec(SECRET, lifetime_seconds=3600)
+    tokens = [codec.issue(f"u{i}", f"u{i}@example.com") for i in range(VERIFIED_TOKENS_KEPT + 50)]
+    assert all(codec.decode(token) is not None for token in tokens)
+    assert len(codec._verified) == VERIFIED_TOKENS_KEPT
+    assert codec.decode(tokens[0]).user_id == "u0", "an evicted token is verified again"
 
 
 @pytest.mark.gen_test

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from threecompute.workspace import FileInfo, Workspace, WorkspaceError, Workspaces
+from threecompute.workspace import FileInfo, Workspace, WorkspaceError, Workspaces, filesystem_type
 
 TEXT = "text/plain; charset=utf-8"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
@@ -160,6 +160,7 @@ OUTSIDE_FILES = ["out_file", "out_dir/secret.txt", "out_dir/sub/deep.txt", "bob/
 @pytest.mark.parametrize("path", OUTSIDE_FILES)
 def test_read_through_outside_link_is_refused(ws: Workspace, hostile: Hostile, path: str) -> None:
     expect_status(400, lambda: ws.read(path))
+    expect_status(400, lambda: ws.read_cached(path, 1 << 20))
     hostile.assert_untouched()
 
 
@@ -318,6 +319,67 @@ def test_file_info_open_reads_the_checked_file(ws: Workspace, hostile: Hostile) 
     expect_status(404, info.open)
     swapped = FileInfo(info.path, 0, TEXT, False)
     expect_status(404, swapped.open)
+
+
+def test_read_cached_answers_small_files_in_the_page_cache(ws: Workspace) -> None:
+    (ws.root / "small.txt").write_bytes(b"hello")
+    (ws.root / "image.png").write_bytes(PNG)
+    info, content = ws.read_cached("small.txt", 1024)
+    assert (content, info.size, info.media_type, info.as_attachment) == (b"hello", 5, TEXT, False)
+    info, content = ws.read_cached("image.png", 1024)
+    assert (content, info.media_type) == (PNG, "image/png")
+    assert ws.read_cached("image.png", len(PNG) - 1) is None, "larger than the limit: for a worker"
+    expect_status(404, lambda: ws.read_cached("missing.txt", 1024))
+    (ws.root / "folder").mkdir()
+    expect_status(404, lambda: ws.read_cached("folder", 1024))
+
+
+def test_read_cached_leaves_pages_on_the_disk_to_a_worker(ws: Workspace) -> None:
+    path = ws.root / "cold.bin"
+    path.write_bytes(os.urandom(32 * 1024))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert ws.read_cached("cold.bin", 1 << 20) is None, "reading it would have waited for the disk"
+    assert ws.read("cold.bin").size == 32 * 1024
+    with ws.read("cold.bin").open() as file:
+        file.read()
+    assert ws.read_cached("cold.bin", 1 << 20) is not None, "in the page cache once read"
+
+
+def test_read_cached_never_touches_a_network_filesystem(ws: Workspace) -> None:
+    (ws.root / "small.txt").write_bytes(b"hello")
+    ws.on_local_disk = False
+    assert ws.read_cached("small.txt", 1024) is None
+
+
+MOUNTINFO = [
+    "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw",
+    "40 22 0:35 / /srv/shared rw,relatime shared:20 - nfs4 fileserver:/export rw,vers=4.2",
+    "41 40 0:36 / /srv/shared/local\\040disk rw shared:21 - tmpfs tmpfs rw",
+    "42 22 0:37 / /srv/sharedness rw shared:22 - xfs /dev/vdb rw",
+]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/", "ext4"), ("/home/u", "ext4"), ("/srv/shared", "nfs4"), ("/srv/shared/workspaces/u", "nfs4"),
+    ("/srv/sharedness/u", "xfs"), ("/srv/shared/local disk/u", "tmpfs"),
+])
+def test_filesystem_type_is_the_longest_mount_point_above(path: str, expected: str) -> None:
+    assert filesystem_type(path, MOUNTINFO) == expected
+
+
+def test_fresh_listing_is_the_cached_one_until_a_change(tmp_path: Path) -> None:
+    ws = Workspaces(tmp_path, list_ttl=3600).for_user("u")
+    assert ws.fresh_listing() is None, "nothing scanned yet"
+    scanned = ws.listing()
+    assert ws.fresh_listing() is scanned
+    assert scanned.json == b'{"files": []}'
+    write(ws, "new.txt", b"x")
+    assert ws.fresh_listing() is None, "a change makes the next poll scan"
 
 
 # --- writing ---

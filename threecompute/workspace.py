@@ -13,7 +13,8 @@ Nothing here knows HTTP: failures are `WorkspaceError(status, message)` with a s
 404, 409, or 507 when the disk (or the quota) is full, which the handlers turn into JSON
 errors. A write that fails for lack of space leaves nothing behind: its temporary file is
 removed, and the file it would have replaced is untouched. Calls are synchronous and thread-safe;
-the handlers run them in an executor.
+the handlers run them in an executor, except the two that never wait for a disk
+(`fresh_listing`, `read_cached`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import threading
 import time
 import zipfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,6 +57,9 @@ IMAGE_TYPES = frozenset({
     "image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/x-ms-bmp",
     "image/x-icon", "image/vnd.microsoft.icon", "image/svg+xml",
 })
+# Filesystems whose every lookup may wait for another machine: never touched on the IOLoop.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs",
+                                 "lustre", "gpfs", "fuse", "fuseblk"})
 # The listing answers at most this many entries (shallowest first); see `Listing`.
 MAX_LISTED_ENTRIES = 10_000
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -116,6 +120,36 @@ def _writer_errors(method: Callable[..., None]) -> Callable[..., None]:
 def _fd_path(fd: int) -> str:
     """Where the kernel says `fd` is now, links resolved: the check no string trick can fool."""
     return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def filesystem_type(real: str, mountinfo: Iterable[str]) -> str:
+    """The type of the filesystem holding the real path `real`: the longest mount point above it."""
+    best, fstype = "", ""
+    for line in mountinfo:
+        fields = line.split()
+        point = fields[4].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, fields[fields.index("-") + 1]
+    return fstype
+
+
+def on_local_disk(path: Path) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            fstype = filesystem_type(os.path.realpath(path), mounts)
+    except OSError:
+        return False
+    return bool(fstype) and fstype.split(".")[0] not in NETWORK_FILESYSTEMS
+
+
+def _read_if_cached(fd: int, size: int) -> bytes | None:
+    """All `size` bytes of a regular file if the page cache holds them; None if any would wait."""
+    buffer = bytearray(size + 1)  # one more: a file that grew is not taken as complete
+    try:
+        got = os.preadv(fd, [buffer], 0, os.RWF_NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a filesystem that cannot say
+        return None
+    return bytes(buffer[:got]) if got == size else None
 
 
 def _reopen_for_reading(path_fd: int) -> BinaryIO:
@@ -339,11 +373,19 @@ class _ListCache:
                     return self._value
                 generation = self._generation
             value = scan()
+            value.json  # noqa: B018 - encoded here, in a worker thread, so that `fresh` never encodes
             with self._lock:
                 # A change made during the scan may be missing from it: don't keep it.
                 if generation == self._generation:
                     self._value, self._taken = value, time.monotonic()
             return value
+
+    def fresh(self) -> Listing | None:
+        """The cached listing if it is still fresh; never scans, never waits for a scan."""
+        with self._lock:
+            if self._value is not None and time.monotonic() - self._taken < self._ttl:
+                return self._value
+        return None
 
     def invalidate(self) -> None:
         with self._lock:
@@ -364,6 +406,7 @@ class Workspace:
         self._root_real = os.path.realpath(root)
         self._owner = owner
         self._listing = _ListCache(list_ttl)
+        self.on_local_disk = on_local_disk(root)
 
     # --- the operations ---
 
@@ -377,6 +420,10 @@ class Workspace:
     def listing(self) -> Listing:
         """`list_files` with its truncation flag: at most MAX_LISTED_ENTRIES, shallowest first."""
         return self._listing.get(self._scan)
+
+    def fresh_listing(self) -> Listing | None:
+        """The last listing while it is fresh, at no cost: a poll answered without a thread."""
+        return self._listing.fresh()
 
     @_os_errors()
     def read(self, rel: str) -> FileInfo:
@@ -393,6 +440,34 @@ class Workspace:
             os.close(fd)
         media, attachment = _media_type(real, head, complete=len(head) < SNIFF_BYTES)
         return FileInfo(Path(real), status.st_size, media, attachment)
+
+    @_os_errors()
+    def read_cached(self, rel: str, limit: int) -> tuple[FileInfo, bytes] | None:
+        """A small file's info and content without waiting for a disk, else None (read it
+        with `read` in a worker): when it is larger than `limit`, on a network filesystem,
+        or not wholly in the page cache. Local lookups of cached folders take microseconds."""
+        if not self.on_local_disk:
+            return None
+        with self._parent_of(_split_path(rel)) as (parent, name):
+            fd = self._open_target(parent, name)
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise WorkspaceError(404, "not a file")
+            if status.st_size > limit:
+                return None
+            real = _fd_path(fd)
+            readable = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # see _reopen_for_reading
+        finally:
+            os.close(fd)
+        try:
+            data = _read_if_cached(readable, status.st_size)
+        finally:
+            os.close(readable)
+        if data is None:
+            return None
+        media, attachment = _media_type(real, data, complete=True)
+        return FileInfo(Path(real), len(data), media, attachment), data
 
     @_os_errors()
     def open_writer(self, rel: str, make_parents: bool = False, created: list[str] | None = None) -> AtomicWriter:
@@ -780,6 +855,10 @@ class Workspaces:
                                       self.quota_bytes, own_disk)
                 self._workspaces[user_id] = workspace
             return workspace
+
+    def loaded(self, user_id: str) -> Workspace | None:
+        """The user's workspace if `for_user` made it already; never touches the disk."""
+        return self._workspaces.get(user_id)  # one dict read: atomic, no lock needed
 
     def _storage(self, root: Path) -> tuple[Path, Path, bool]:
         """Where the server works on workspace `root`, where its temporary files go, and

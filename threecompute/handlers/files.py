@@ -34,6 +34,7 @@ UPLOAD_IDLE_SECONDS = 60.0  # no byte of an upload body for this long ends the c
 # (sandbox) and loads nothing (default-src); inline style is all an SVG needs to draw.
 FILE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 READ_CHUNK_BYTES = 256 * 1024
+SMALL_FILE_BYTES = 64 * 1024  # read on the loop when the page cache holds all of it
 
 
 class WorkspaceHandler(BaseHandler):
@@ -59,8 +60,13 @@ class WorkspaceHandler(BaseHandler):
 
 class ListFilesHandler(WorkspaceHandler):
     async def get(self) -> None:
-        # Encoded in the worker thread too (4 MB of JSON is tens of ms), once per cached listing.
-        self.finish(await self.on_workspace(lambda workspace: workspace.listing().json))
+        # The frontend polls every 300 ms: a fresh cached listing is answered on the loop.
+        workspace = self.services.workspaces.loaded(self.require_identity().user_id)
+        listing = workspace.fresh_listing() if workspace is not None else None
+        if listing is None:
+            # Scanned and encoded in a worker (4 MB of JSON is tens of ms), once per cached listing.
+            listing = await self.on_workspace(Workspace.listing)
+        self.finish(listing.json)
 
 
 class UploadBodyMixin(WorkspaceHandler):
@@ -240,13 +246,17 @@ class FileHandler(UploadBodyMixin):
         self.chunk_arrived()
 
     async def get(self, path: str) -> None:
-        info, file, chunk = await self.on_workspace(open_with_first_chunk, self.path_argument())
+        rel = self.path_argument()
+        workspace = self.services.workspaces.loaded(self.require_identity().user_id)
+        cached = workspace.read_cached(rel, SMALL_FILE_BYTES) if workspace is not None else None
+        if cached is not None:  # no trip to a worker thread: that trip was most of the cost
+            info, content = cached
+            self.set_file_headers(info)
+            self.finish(content)
+            return
+        info, file, chunk = await self.on_workspace(open_with_first_chunk, rel)
         with file:
-            self.set_header("Content-Type", info.media_type)
-            self.set_header("Content-Security-Policy", FILE_CSP)
-            if info.as_attachment:
-                self.set_header("Content-Disposition", "attachment")
-            self.set_header("Content-Length", str(info.size))
+            self.set_file_headers(info)
             while chunk:  # a small file is answered in one go, a large one streamed
                 self.write(chunk)
                 if len(chunk) < READ_CHUNK_BYTES:
@@ -254,6 +264,13 @@ class FileHandler(UploadBodyMixin):
                 await self.flush()
                 chunk = await self.in_executor(file.read, READ_CHUNK_BYTES)
         self.finish()
+
+    def set_file_headers(self, info: FileInfo) -> None:
+        self.set_header("Content-Type", info.media_type)
+        self.set_header("Content-Security-Policy", FILE_CSP)
+        if info.as_attachment:
+            self.set_header("Content-Disposition", "attachment")
+        self.set_header("Content-Length", str(info.size))
 
     async def put(self, path: str) -> None:
         self.body_done()
