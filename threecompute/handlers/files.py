@@ -2,14 +2,18 @@
 
 All path handling lives in the workspace layer; these handlers only parse requests, run the
 workspace call in the file executor, and answer. Bodies that can be large (uploads, PUT)
-are streamed: each chunk is written to a temporary file as it arrives, and Tornado reads
-the next chunk only once that write is done. A user has at most MAX_UPLOADS_PER_USER of them
-in flight (429 beyond), and a sender that goes quiet for UPLOAD_IDLE_SECONDS is cut off.
+are streamed: chunks are written to a temporary file as they arrive (a fast sender's up to
+256 KiB at a time), and Tornado reads the next chunk only once that write is done. A user
+has at most MAX_UPLOADS_PER_USER of them in flight (429 beyond), and a sender that goes
+quiet for UPLOAD_IDLE_SECONDS is cut off.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import struct
+import termios
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -34,6 +38,9 @@ UPLOAD_IDLE_SECONDS = 60.0  # no byte of an upload body for this long ends the c
 # (sandbox) and loads nothing (default-src); inline style is all an SVG needs to draw.
 FILE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 READ_CHUNK_BYTES = 256 * 1024
+# While more of a body is already waiting, its chunks (64 KiB reads) go to a worker together:
+# a trip per 256 KiB, not one per read, doubled the upload rate.
+WRITE_BATCH_BYTES = 256 * 1024
 SMALL_FILE_BYTES = 64 * 1024  # read on the loop when the page cache holds all of it
 
 
@@ -75,6 +82,8 @@ class UploadBodyMixin(WorkspaceHandler):
     _slot_user: str | None = None
     _watchdog: object | None = None
     _last_chunk = 0.0
+    _held: list[bytes] | None = None
+    _held_bytes = 0
 
     def check_body_length(self) -> None:
         pass  # judged by start_upload_body, after authentication; until then nothing is read
@@ -91,6 +100,27 @@ class UploadBodyMixin(WorkspaceHandler):
 
     def chunk_arrived(self) -> None:
         self._last_chunk = time.monotonic()
+
+    def chunks_to_write(self, chunk: bytes | None) -> list[bytes]:
+        """What to hand a worker now: every chunk held, unless more of the body is waiting
+        to be read and less than WRITE_BATCH_BYTES are held; at the end (`chunk` None), the rest."""
+        held = self._held if self._held is not None else []
+        if chunk is not None:
+            held.append(chunk)
+            self._held_bytes += len(chunk)
+            if self._held_bytes < WRITE_BATCH_BYTES and self._body_waiting():
+                self._held = held
+                return []
+        self._held, self._held_bytes = None, 0
+        return held
+
+    def _body_waiting(self) -> bool:
+        """Whether the kernel holds bytes of this connection not read yet (a fast sender)."""
+        try:
+            fd = self.request.connection.stream.socket.fileno()
+            return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] > 0
+        except (AttributeError, OSError):  # closed meanwhile
+            return False
 
     def body_done(self) -> None:
         if self._watchdog is not None:
@@ -119,6 +149,11 @@ class UploadBodyMixin(WorkspaceHandler):
     def on_connection_close(self) -> None:
         super().on_connection_close()  # fails the body future, so the request ends
         self.end_upload()
+
+
+def write_all(write: Callable[[bytes], None], chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        write(chunk)
 
 
 class MoveHandler(WorkspaceHandler):
@@ -153,17 +188,24 @@ class UploadHandler(UploadBodyMixin):
 
     async def data_received(self, chunk: bytes) -> None:
         self.chunk_arrived()
-        if self.failure is not None:
-            return  # read and drop the rest, so the client gets the error instead of a reset
+        # After a failure, read and drop the rest, so the client gets the error instead of a reset.
+        if self.failure is None:
+            await self._feed(self.chunks_to_write(chunk))
+        self.chunk_arrived()  # a slow disk is not a slow sender
+
+    async def _feed(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
         try:
-            await self.in_executor(self.batch.feed, chunk)
+            await self.in_executor(write_all, self.batch.feed, chunks)
         except (MultipartError, WorkspaceError) as exc:
             self.failure = exc
             await self.in_executor(self.batch.abort)
-        self.chunk_arrived()  # a slow disk is not a slow sender
 
     async def post(self) -> None:
         self.body_done()
+        if self.failure is None:
+            await self._feed(self.chunks_to_write(None))
         if self.failure is not None:
             raise self.failure
         try:
@@ -236,14 +278,18 @@ class FileHandler(UploadBodyMixin):
 
     async def data_received(self, chunk: bytes) -> None:
         self.chunk_arrived()
-        if self.writer is None:
-            return  # after a failure: read and drop the rest, so the client gets the error
+        if self.writer is not None:  # after a failure: read and drop the rest, so the client gets the error
+            await self._write(self.chunks_to_write(chunk))
+        self.chunk_arrived()
+
+    async def _write(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
         try:
-            await self.in_executor(self.writer.write, chunk)
+            await self.in_executor(write_all, self.writer.write, chunks)
         except WorkspaceError as exc:  # a full disk: the temporary file goes at once
             self.failure = exc
             self._abort_writer()
-        self.chunk_arrived()
 
     async def get(self, path: str) -> None:
         rel = self.path_argument()
@@ -274,6 +320,8 @@ class FileHandler(UploadBodyMixin):
 
     async def put(self, path: str) -> None:
         self.body_done()
+        if self.writer is not None:
+            await self._write(self.chunks_to_write(None))
         if self.failure is not None:
             raise self.failure
         await self.in_executor(self.writer.commit)
