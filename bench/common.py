@@ -799,7 +799,7 @@ def attach_spec(server: ServerProcess, email: str, tab: str, ref: str | None = N
 
     from threecompute.containers import make_backend
     from threecompute.containers.backend import Box, UserRef
-    from threecompute.pty.hub import attach_env
+    from threecompute.pty.terminal import attach_env
     from threecompute.settings import load_settings
 
     settings = load_settings(["--dev", "--host", "127.0.0.1", "--backend", server.backend],

@@ -25,6 +25,7 @@ HUB_GAUGES = {
     "open_terminals": "Terminal clients attached now",
     "terminal_users": "Users with at least one terminal open",
     "paused_terminals": "Terminals whose output is paused for flow control",
+    "spares_waiting": "Attachments started ahead of need, ready for a user's next tab",
 }
 HUB_COUNTERS = {
     "terminal_output_bytes": ("pty_bytes_out_total", "Bytes read from terminals and sent to clients"),
@@ -35,6 +36,7 @@ HUB_COUNTERS = {
     "terminals_opened": ("terminals_opened_total", "Terminal clients attached"),
     "terminals_closed": ("terminals_closed_total", "Terminal clients detached"),
     "terminals_exited": ("terminals_exited_total", "Terminals whose program ended by itself"),
+    "spares_used": ("spares_used_total", "Tabs attached by taking a spare attachment"),
 }
 HUB_ERRORS = {"ensure": "ensure_errors_total", "spawn": "spawn_errors_total",
               "detach": "detach_errors_total", "send": "pty_send_errors_total"}

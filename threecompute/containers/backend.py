@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,9 @@ def tmux_session_name(tab_id: str) -> str:
     return f"tab{tab_id}"
 
 
+SPARE_READY = "3c-spare-ready"
+
+
 def tmux_attach_args(tab_id: str, read_only: bool) -> list[str]:
     """tmux arguments that attach a client to tab `tab_id`: made if missing, or for a
     watcher, only an existing one, read-only and never resizing the owner's window."""
@@ -102,6 +106,17 @@ class ContainerBackend(abc.ABC):
         `client_id` names this one attachment so that `detach` can end exactly its tmux
         client and nothing else. `read_only`: a watcher's client of an existing tab.
         """
+
+    def spare_command(self, box: Box, client_id: str) -> AttachCommand | None:
+        """An attachment started ahead of need: like `attach_command`, but its program waits,
+        echo off, after printing SPARE_READY, for one line of input (`spare_handover`) that
+        says which tab to attach. None: this backend attaches fast enough without."""
+        return None
+
+    @staticmethod
+    def spare_handover(tab_id: str) -> str:
+        """The line that makes a spare attachment attach tab `tab_id`."""
+        return shlex.join(tmux_attach_args(tab_id, read_only=False)) + "\n"
 
     @abc.abstractmethod
     async def detach(self, box: Box, client_id: str) -> None:

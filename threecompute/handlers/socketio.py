@@ -54,7 +54,7 @@ from tornado.httputil import parse_cookie
 
 from ..containers.backend import TAB_ID, BackendError
 from ..identity import COOKIE_NAME, Identity
-from ..pty.hub import Terminal
+from ..pty import Terminal
 from ..services import Services
 from ..terminal_frames import LOST_TERMINAL_MESSAGE, FrameError, InputRouter, lost_its_container, parse_event
 from .base import origin_allowed

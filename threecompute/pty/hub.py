@@ -6,7 +6,8 @@ terminal for a user's tab and gets a `Terminal`: one attached client, that is on
 Several sockets on one tab are several Terminals. The hub tells the backend when a user's
 first terminal opens and last one closes (the idle clock), and on close it asks the
 backend to `detach` the tmux client, because Docker does not end an exec's processes when
-the exec's client goes away.
+the exec's client goes away. Where the backend offers them, a tab takes a spare attachment
+started ahead of need (`spares`) instead of starting its own.
 
 The hub is also where terminals are counted, so that both transports share the limits: at
 most `max_per_user` per user and `max_total` on the server, open or being opened, and opens
@@ -17,20 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import secrets
 import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..containers.backend import AttachCommand, BackendError, Box, ContainerBackend, UserRef
+from ..containers.backend import BackendError, Box, ContainerBackend, UserRef
 from ..metrics import Metrics
 from ..ratelimit import Rate, RateLimiter
 from .session import PtySession, PtyStats, Send
+from .spares import Spares
+from .terminal import Terminal, attach_env
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,6 @@ PROGRESS_AFTER_SECONDS = 0.2
 STARTING_MESSAGE = "starting your workspace container…"
 STARTED_MESSAGE = "workspace container started; attaching the terminal…"
 REFUSAL_LOG_EVERY = 10.0  # seconds: one log line per user and interval, however many refusals
-# Server settings must not leak into users' shells (the local backend runs tmux with this
-# environment; `docker exec -e NAME` without a value would copy it into the container).
-_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
-
-
-def attach_env(command: AttachCommand) -> dict[str, str]:
-    """The environment an attach command runs with: the server's, minus secrets, plus the command's."""
-    env = {k: v for k, v in os.environ.items() if not _SECRET_NAME.search(k)}
-    env["TERM"] = "xterm-256color"  # the far end is xterm.js, whatever started the server
-    if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
-        env["LANG"] = "C.UTF-8"  # tmux draws non-ASCII as '_' unless the locale says UTF-8
-    env.update(command.env)
-    return env
-
 # Per-session figures summed for /metrics: total name -> PtyStats field.
 STAT_TOTALS = {"pty_bytes_out_total": "bytes_out", "pty_bytes_in_total": "bytes_in",
                "pty_frames_out_total": "frames_out", "pty_pauses_total": "pauses",
@@ -71,10 +58,6 @@ def add_stats(totals: dict[str, int], stats: PtyStats) -> None:
         totals[total] += getattr(stats, name)
 
 
-class ReadOnlyTerminal(ValueError):
-    """Input for a watcher's terminal."""
-
-
 class TerminalLimit(BackendError):
     """A terminal refused by a limit: try again later (WebSocket close 1013)."""
 
@@ -84,46 +67,6 @@ class TerminalLimits:
     max_per_user: int = 20
     max_total: int = 1000
     open_rate: Rate | None = None
-
-
-@dataclass(eq=False)
-class Terminal:
-    """One attached client of a tab: its PTY, who owns it and how to detach it."""
-
-    user: UserRef
-    tab_id: str
-    client_id: str
-    box: Box
-    session: PtySession
-    watcher: str | None = None  # who watches, read-only (an instructor), charged for the slot
-    opened_at: float = field(default_factory=time.monotonic)
-    on_first_resize: Callable[[], None] | None = field(default=None, repr=False)
-    _closing: asyncio.Future | None = field(default=None, repr=False)
-
-    @property
-    def user_id(self) -> str:
-        return self.user.user_id
-
-    @property
-    def slot_owner(self) -> str:
-        return self.watcher or self.user.user_id
-
-    @property
-    def closed(self) -> bool:
-        """True once closing started (by the hub) or the program inside ended."""
-        return self._closing is not None or self.session.closed
-
-    def write(self, text: str) -> None:
-        """Keyboard input. Raises PtyInputOverflow if the program stopped reading."""
-        if self.watcher is not None:
-            raise ReadOnlyTerminal("this terminal is shown read-only; input is not sent")
-        self.session.write(text)
-
-    def resize(self, rows: int, cols: int) -> None:
-        self.session.resize(rows, cols)
-        hook, self.on_first_resize = self.on_first_resize, None
-        if hook is not None:
-            hook()
 
 
 class LatencyWindow:
@@ -231,8 +174,9 @@ class TerminalHub:
         self._attach = LatencyWindow()
         self._first_output = LatencyWindow()
         self._counters = dict.fromkeys(
-            ("terminals_opened_total", "terminals_closed_total", "terminals_exited_total",
+            ("terminals_opened_total", "terminals_closed_total", "terminals_exited_total", "spares_used_total",
              "ensure_errors_total", "spawn_errors_total", "detach_errors_total", "terminals_refused_total"), 0)
+        self._spares = Spares(backend, self.close, self._background)
         self._closed_totals = dict.fromkeys(STAT_TOTALS, 0)
 
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
@@ -277,21 +221,25 @@ class TerminalHub:
             tell(STARTED_MESSAGE)
             self.metrics_out.container_start_seconds.observe(time.monotonic() - started)
         self._refuse_if_shutting_down()
-        client_id = secrets.token_hex(8)
-        command = self.backend.attach_command(box, tab_id, client_id, read_only=watcher is not None)
         terminal: Terminal | None = None
 
         def exited() -> None:
             if terminal is not None:
                 self._on_program_exit(terminal, on_exit)
 
-        try:
-            session = PtySession(command.argv, self._observed(send, started, user.user_id, box.cold), on_exit=exited,
-                                 env=attach_env(command), cwd=command.cwd, rows=rows, cols=cols)
-        except OSError as exc:
-            self._counters["spawn_errors_total"] += 1
-            log.warning("could not start %s for user %s: %s", command.argv[:1], user.user_id, exc)
-            raise BackendError(f"could not start the terminal: {exc}") from exc
+        observed = self._observed(send, started, user.user_id, box.cold)
+        spare = self._spares.take(user.user_id, box) if watcher is None else None
+        if spare is not None:
+            client_id, session = spare.client_id, spare.session
+            session.adopt(observed, exited)
+            session.resize(rows, cols)
+            session.write(self.backend.spare_handover(tab_id))
+            self._counters["spares_used_total"] += 1
+        else:
+            client_id = secrets.token_hex(8)
+            session = self._spawn_attachment(user, box, tab_id, client_id, watcher, observed, exited, rows, cols)
+        if watcher is None:
+            self._spares.start_soon(user, box)
         self._attach.add(time.monotonic() - started)
         self.metrics_out.attached(box.cold, time.monotonic() - started)
         terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session, watcher=watcher)
@@ -299,6 +247,17 @@ class TerminalHub:
         terminal.on_first_resize = lambda: self._spawn(self._redraw(terminal), self._redraws)
         self._register(terminal)
         return terminal
+
+    def _spawn_attachment(self, user: UserRef, box: Box, tab_id: str, client_id: str, watcher: str | None,
+                          send: Send, exited: Callable[[], None], rows: int, cols: int) -> PtySession:
+        command = self.backend.attach_command(box, tab_id, client_id, read_only=watcher is not None)
+        try:
+            return PtySession(command.argv, send, on_exit=exited, env=attach_env(command), cwd=command.cwd,
+                              rows=rows, cols=cols)
+        except OSError as exc:
+            self._counters["spawn_errors_total"] += 1
+            log.warning("could not start %s for user %s: %s", command.argv[:1], user.user_id, exc)
+            raise BackendError(f"could not start the terminal: {exc}") from exc
 
     async def close(self, terminal: Terminal) -> None:
         """End the client: its PTY child, its in-container tmux client. Idempotent."""
@@ -321,6 +280,7 @@ class TerminalHub:
         """Graceful shutdown: refuse new terminals, close every open one and wait until all
         are reaped, for at most `timeout` seconds of detaching (a slow or lost engine)."""
         self._shutting_down = True
+        self._spares.discard_all()  # their closes join _background, waited for below
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         sessions = [t.session for t in self.terminals()]
@@ -344,6 +304,7 @@ class TerminalHub:
             "terminal_slots": self._slots_total,
             "terminal_users": len(self._by_user),
             "paused_terminals": sum(1 for t in live if t.session.paused),
+            "spares_waiting": self._spares.waiting(),
             **self._counters,
             **totals,
             **self._attach.summary("attach"),
@@ -437,6 +398,7 @@ class TerminalHub:
         per_user = self._by_user.setdefault(terminal.user_id, {})
         per_user[terminal.client_id] = terminal
         self._counters["terminals_opened_total"] += 1
+        self._spares.keep(terminal.user_id)
         if len(per_user) == 1:
             self._notify(self.backend.terminal_opened, terminal.user)
 
@@ -449,6 +411,7 @@ class TerminalHub:
         add_stats(self._closed_totals, terminal.session.stats)
         if not per_user:
             del self._by_user[terminal.user_id]
+            self._spares.expire_later(terminal.user_id)
             self._notify(self.backend.terminal_closed, terminal.user)
 
     @staticmethod

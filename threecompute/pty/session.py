@@ -223,6 +223,11 @@ class PtySession:
         """Once reaped: the exit code, or minus the signal number (as in subprocess)."""
         return self._exit_status
 
+    def adopt(self, send: Send, on_exit: Callable[[], None] | None) -> None:
+        """Send the output from now on to `send`, and report the child's end to `on_exit`
+        (a session started ahead of need, handed to the terminal that needs it)."""
+        self._send, self._on_exit = send, on_exit
+
     def write(self, text: str) -> None:
         """Type `text` into the terminal. Never blocks; raises PtyInputOverflow past 1 MiB queued."""
         if self._torn_down or not text:
