@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from threecompute.workspace import FileInfo, Workspace, WorkspaceError, Workspaces, filesystem_type
+from threecompute.workspace import (
+    CACHED_READ_DEPTH,
+    FileInfo,
+    Workspace,
+    WorkspaceError,
+    Workspaces,
+    filesystem_type,
+)
 
 TEXT = "text/plain; charset=utf-8"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
@@ -348,6 +355,16 @@ def test_read_cached_leaves_pages_on_the_disk_to_a_worker(ws: Workspace) -> None
     with ws.read("cold.bin").open() as file:
         file.read()
     assert ws.read_cached("cold.bin", 1 << 20) is not None, "in the page cache once read"
+
+
+def test_read_cached_leaves_deep_paths_to_a_worker(ws: Workspace) -> None:
+    deep = "/".join(["d"] * CACHED_READ_DEPTH)
+    (ws.root / deep).mkdir(parents=True)
+    (ws.root / deep / "f.txt").write_bytes(b"deep")
+    (ws.root / deep / ".." / "g.txt").write_bytes(b"shallower")
+    assert ws.read_cached(deep.rsplit("/", 1)[0] + "/g.txt", 1024)[1] == b"shallower"
+    assert ws.read_cached(deep + "/f.txt", 1024) is None, "one folder too deep for the loop"
+    assert ws.read(deep + "/f.txt").size == 4
 
 
 def test_read_cached_never_touches_a_network_filesystem(ws: Workspace) -> None:

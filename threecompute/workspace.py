@@ -60,6 +60,9 @@ IMAGE_TYPES = frozenset({
 # Filesystems whose every lookup may wait for another machine: never touched on the IOLoop.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs",
                                  "lustre", "gpfs", "fuse", "fuseblk"})
+# `read_cached` walks at most this many folders (one `openat` each): a path thousands of
+# folders deep is left to a worker, so that no request can hold the IOLoop for long.
+CACHED_READ_DEPTH = 16
 # The listing answers at most this many entries (shallowest first); see `Listing`.
 MAX_LISTED_ENTRIES = 10_000
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -444,11 +447,13 @@ class Workspace:
     @_os_errors()
     def read_cached(self, rel: str, limit: int) -> tuple[FileInfo, bytes] | None:
         """A small file's info and content without waiting for a disk, else None (read it
-        with `read` in a worker): when it is larger than `limit`, on a network filesystem,
-        or not wholly in the page cache. Local lookups of cached folders take microseconds."""
-        if not self.on_local_disk:
+        with `read` in a worker): when it is larger than `limit`, deeper than
+        CACHED_READ_DEPTH, on a network filesystem, or not wholly in the page cache. Local
+        lookups of cached folders take microseconds each."""
+        parts = _split_path(rel)
+        if not self.on_local_disk or len(parts) > CACHED_READ_DEPTH:
             return None
-        with self._parent_of(_split_path(rel)) as (parent, name):
+        with self._parent_of(parts) as (parent, name):
             fd = self._open_target(parent, name)
         try:
             status = os.fstat(fd)
