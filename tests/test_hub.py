@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from threecompute.containers.backend import AttachCommand, BackendError, Box, ContainerBackend, UserRef
+from threecompute.pty import spares
 from threecompute.pty.hub import Terminal, TerminalHub
 
 
@@ -283,3 +284,61 @@ async def test_the_first_resize_signals_the_foreground_and_asks_for_one_redraw(h
     await asyncio.sleep(0.3)
     assert len(backend.events("redraw")) == 1, backend.calls
     await hub.close(terminal)
+
+
+class SpareBackend(FakeBackend):
+    """The fake backend with spare attachments: a shell that waits for its tab on one line."""
+
+    def spare_command(self, box: Box, client_id: str) -> AttachCommand:
+        script = ("stty -echo; printf 3c-spare-; printf ready; read -r args; "
+                  'PS1="[spare:$args]$ " exec bash --norc --noprofile -i')
+        return AttachCommand(argv=["sh", "-c", script], env={"INPUTRC": "/dev/null"}, cwd=str(box.user.workspace))
+
+    @staticmethod
+    def spare_handover(tab_id: str) -> str:
+        return f"{tab_id}\n"
+
+
+def children() -> int:
+    return len(psutil.Process().children())
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_next_tab_takes_the_spare_and_shutdown_starts_none(tmp_path):
+    hub = TerminalHub(SpareBackend())
+    alice = user(tmp_path, "alice")
+    await open_terminal(hub, alice, "1")
+    await until_true(lambda: hub.metrics()["spares_waiting"] == 1)
+    out = Output()
+    await hub.open(alice, "2", 24, 80, out.send, out.on_exit)
+    await out.wait_for("[spare:2]$ ")  # the marker the spare printed before was never shown
+    assert "3c-spare-ready" not in out.text and hub.metrics()["spares_used_total"] == 1
+
+    await open_terminal(hub, user(tmp_path, "bob"), "1")  # bob's spare is due 50 ms later
+    await hub.close_all()
+    await asyncio.sleep(0.3)
+    assert children() == 0, "a spare started after the shutdown"
+    assert hub.metrics()["spares_waiting"] == 0
+
+
+async def until_true(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not seen in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_spare_ends_soon_after_its_user_left_and_none_start_when_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(spares, "GRACE_SECONDS", 0.3)
+    hub = TerminalHub(SpareBackend())  # spares live 60 s, but not that long after their user left
+    terminal, _ = await open_terminal(hub, user(tmp_path, "alice"))
+    await until_true(lambda: hub.metrics()["spares_waiting"] == 1)
+    await hub.close(terminal)
+    await until_true(lambda: children() == 0)
+
+    off = TerminalHub(SpareBackend(), spare_seconds=0)  # SPARE_ATTACH_SECONDS=0
+    terminal, _ = await open_terminal(off, user(tmp_path, "bob"))
+    await asyncio.sleep(0.5)
+    assert children() == 1 and off.metrics()["spares_waiting"] == 0
+    await off.close_all()

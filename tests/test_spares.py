@@ -1,5 +1,5 @@
 """Spare attachments on a real server with the Docker backend: a user's next tab takes the
-waiting `docker exec`, attaches its own tab and works; a spare ends after its grace period
+waiting `docker exec`, attaches its own tab and works; a spare ends after its lifetime
 and at shutdown, leaving no process on the host or in the container."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def hub_figure(services, name: str) -> float:
 
 @pytest.mark.gen_test(timeout=120)
 async def test_the_next_tab_takes_the_spare_and_attaches_its_own_tab(make_client, services, monkeypatch):
-    monkeypatch.setattr(spares, "GRACE_SECONDS", 1.0)
+    monkeypatch.setattr(services.hub.spares, "lifetime_seconds", 5.0)
     student = await signed_in(make_client, EMAIL)
     first = await TerminalClient.open(student, tab="1")
     await first.run("export MARK=one-$((0+1)); echo set-$((1+1))", "set-2")  # in tab 1's shell only
@@ -60,12 +60,13 @@ async def test_the_next_tab_takes_the_spare_and_attaches_its_own_tab(make_client
     assert hub_figure(services, "spares_used_total") == 1
     await first.run("echo still=$MARK", "still=one-1")
 
-    # A new spare stands behind the one taken; closing every tab ends it after the grace period.
+    # A new spare stands behind the one taken; untaken, it ends after its lifetime.
     await until(lambda: hub_figure(services, "spares_waiting") == 1, "the next spare", timeout=30)
+    await until(lambda: hub_figure(services, "spares_waiting") == 0 and pty_children() == 2,
+                "the spare ended after its lifetime", timeout=30)
     first.close()
     second.close()
-    await until(lambda: hub_figure(services, "spares_waiting") == 0 and pty_children() == 0,
-                "the spare ended after its grace period", timeout=30)
+    await until(lambda: pty_children() == 0, "the tabs' attachments ended", timeout=30)
     await until(lambda: waiting_wrappers(services) == 0, "its wrapper gone from the container", timeout=30)
 
 

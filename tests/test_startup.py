@@ -31,6 +31,14 @@ def test_defaults(tmp_path):
     assert settings.container_image == "3compute"
     assert settings.data_dir == Path("data").absolute()
     assert settings.deploy_command == "/opt/deploy.sh"
+    assert settings.spare_attach_seconds == 60.0
+
+
+def test_spare_attachments_can_be_turned_off_but_not_made_negative(tmp_path):
+    env = {"FLASK_SECRET": LONG_SECRET}
+    assert settings_from([], env | {"SPARE_ATTACH_SECONDS": "0"}, tmp_path).spare_attach_seconds == 0.0
+    with pytest.raises(ConfigError, match="SPARE_ATTACH_SECONDS"):
+        settings_from([], env | {"SPARE_ATTACH_SECONDS": "-5"}, tmp_path)
 
 
 def test_host_ip_is_the_default_host(tmp_path):

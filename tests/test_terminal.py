@@ -149,7 +149,8 @@ def child_processes() -> set[int]:
 
 
 @pytest.mark.gen_test(timeout=180)
-async def test_connect_close_cycles_leave_nothing_behind(client, services):
+async def test_connect_close_cycles_leave_nothing_behind(client, services, monkeypatch):
+    monkeypatch.setattr(services.hub.spares, "lifetime_seconds", 2.0)  # so that the last spare is gone too
     await signed_in(client)
     warm = await TerminalClient.open(client, tab="3")
     await warm.run("echo warm-$((2+2))", "warm-4")

@@ -86,7 +86,7 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
     backend.use_cluster(store.cluster())
     metrics = Metrics()
     hub = TerminalHub(backend, TerminalLimits(settings.max_terminals_per_user, settings.max_terminals,
-                                              settings.terminal_open_rate), metrics)
+                                              settings.terminal_open_rate), metrics, settings.spare_attach_seconds)
     rate_limits = {"files": RateLimiter(settings.file_rate), "tabs": RateLimiter(settings.tabs_rate),
                    "signin": RateLimiter(settings.signin_rate)}
     metrics.watch(hub.metrics, backend.metrics,

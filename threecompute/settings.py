@@ -70,6 +70,7 @@ class Settings:
     # Limits per user (terminals, file API, tab saves) and per client IP (sign-in); None: off.
     max_terminals_per_user: int = 20
     max_terminals: int = 1000
+    spare_attach_seconds: float = 60.0  # how long a spare attachment waits for a tab; 0: none
     terminal_open_rate: Rate | None = Rate(5, 60)
     file_rate: Rate | None = Rate(50, 500)
     tabs_rate: Rate | None = Rate(20, 200)
@@ -287,6 +288,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         database_url=_database_url(env),
         max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 20, minimum=1),
         max_terminals=_int(env, "MAX_TERMINALS", 1000, minimum=1),
+        spare_attach_seconds=_float(env, "SPARE_ATTACH_SECONDS", 60.0),
         terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(5, 60)),
         file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(50, 500)),
         tabs_rate=_rate(env, "TABS_RATE_LIMIT", Rate(20, 200)),

@@ -30,7 +30,7 @@ from ..containers.backend import BackendError, Box, ContainerBackend, UserRef
 from ..metrics import Metrics
 from ..ratelimit import Rate, RateLimiter
 from .session import PtySession, PtyStats, Send
-from .spares import Spares
+from .spares import LIFETIME_SECONDS, Spares
 from .terminal import Terminal, attach_env
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class TerminalHub:
     """All open terminals, by user; opens and closes them through the container backend."""
 
     def __init__(self, backend: ContainerBackend, limits: TerminalLimits | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, spare_seconds: float = LIFETIME_SECONDS) -> None:
         self.backend = backend
         self.metrics_out = metrics or Metrics()
         self.files = FilesNotifier()
@@ -176,7 +176,7 @@ class TerminalHub:
         self._counters = dict.fromkeys(
             ("terminals_opened_total", "terminals_closed_total", "terminals_exited_total", "spares_used_total",
              "ensure_errors_total", "spawn_errors_total", "detach_errors_total", "terminals_refused_total"), 0)
-        self._spares = Spares(backend, self.close, self._background)
+        self.spares = Spares(backend, self.close, self._background, spare_seconds)
         self._closed_totals = dict.fromkeys(STAT_TOTALS, 0)
 
     async def open(self, user: UserRef, tab_id: str, rows: int, cols: int, send: Send,
@@ -228,7 +228,7 @@ class TerminalHub:
                 self._on_program_exit(terminal, on_exit)
 
         observed = self._observed(send, started, user.user_id, box.cold)
-        spare = self._spares.take(user.user_id, box) if watcher is None else None
+        spare = self.spares.take(user.user_id, box) if watcher is None else None
         if spare is not None:
             client_id, session = spare.client_id, spare.session
             session.adopt(observed, exited)
@@ -239,7 +239,7 @@ class TerminalHub:
             client_id = secrets.token_hex(8)
             session = self._spawn_attachment(user, box, tab_id, client_id, watcher, observed, exited, rows, cols)
         if watcher is None:
-            self._spares.start_soon(user, box)
+            self.spares.start_soon(user, box)
         self._attach.add(time.monotonic() - started)
         self.metrics_out.attached(box.cold, time.monotonic() - started)
         terminal = Terminal(user=user, tab_id=tab_id, client_id=client_id, box=box, session=session, watcher=watcher)
@@ -280,7 +280,7 @@ class TerminalHub:
         """Graceful shutdown: refuse new terminals, close every open one and wait until all
         are reaped, for at most `timeout` seconds of detaching (a slow or lost engine)."""
         self._shutting_down = True
-        self._spares.discard_all()  # their closes join _background, waited for below
+        self.spares.discard_all()  # their closes join _background, waited for below
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         sessions = [t.session for t in self.terminals()]
@@ -304,7 +304,7 @@ class TerminalHub:
             "terminal_slots": self._slots_total,
             "terminal_users": len(self._by_user),
             "paused_terminals": sum(1 for t in live if t.session.paused),
-            "spares_waiting": self._spares.waiting(),
+            "spares_waiting": self.spares.waiting(),
             **self._counters,
             **totals,
             **self._attach.summary("attach"),
@@ -398,7 +398,6 @@ class TerminalHub:
         per_user = self._by_user.setdefault(terminal.user_id, {})
         per_user[terminal.client_id] = terminal
         self._counters["terminals_opened_total"] += 1
-        self._spares.keep(terminal.user_id)
         if len(per_user) == 1:
             self._notify(self.backend.terminal_opened, terminal.user)
 
@@ -411,7 +410,7 @@ class TerminalHub:
         add_stats(self._closed_totals, terminal.session.stats)
         if not per_user:
             del self._by_user[terminal.user_id]
-            self._spares.expire_later(terminal.user_id)
+            self.spares.user_left(terminal.user_id)
             self._notify(self.backend.terminal_closed, terminal.user)
 
     @staticmethod

@@ -1,10 +1,13 @@
 """Spare attachments: one attachment per user started ahead of need.
 
-Starting a `docker exec` is most of a tab's attach (~70 of ~100 ms). So while a user has a
-terminal open, and for GRACE_SECONDS after their last one closes (a page reload), the hub
-keeps one more attachment of theirs started and waiting: the backend's `spare_command`, a
-program that prints SPARE_READY and then waits for one line saying which tab to attach. The
-user's next tab takes it, sends it that line, and a new spare is started behind it.
+Starting a `docker exec` is most of a tab's attach (~70 of ~100 ms). Tabs are opened in
+bursts (a page opens all of its tabs, a reload reopens them, a user adds one and then
+another), so after each attach the hub starts one more attachment of that user's and keeps
+it for LIFETIME_SECONDS: the backend's `spare_command`, a program that prints SPARE_READY
+and then waits for one line saying which tab to attach. The user's next tab takes it, sends
+it that line, and a new spare is started behind it. A user who opened no tab for a minute
+has none, so a class that is just typing holds no spare `docker exec` clients; nor does one
+who closed their last tab GRACE_SECONDS ago (time enough for a reload).
 
 A spare is an ordinary attachment otherwise: its client is recorded in the container like
 any other, and it ends the same way (`TerminalHub.close`: hang up, detach, reap).
@@ -24,13 +27,15 @@ from .terminal import Terminal, attach_env
 
 log = logging.getLogger(__name__)
 
-GRACE_SECONDS = 15.0  # a spare outlives its user's last terminal by this long
+LIFETIME_SECONDS = 60.0  # a spare nobody took by then ends (SPARE_ATTACH_SECONDS; 0: no spares)
+GRACE_SECONDS = 15.0  # ... or by this long after its user's last terminal closed
 START_DELAY_SECONDS = 0.05  # after an attach, so that starting the spare does not delay its output
 
 
 @dataclass(eq=False)
 class Spare:
     terminal: Terminal
+    expiry: asyncio.TimerHandle
     heard: str = ""  # the end of its output, until SPARE_READY is in it
     ready: bool = False
 
@@ -43,12 +48,13 @@ class Spares:
     """At most one waiting attachment per user."""
 
     def __init__(self, backend: ContainerBackend, close: Callable[[Terminal], Awaitable[None]],
-                 background: set[asyncio.Future]) -> None:
+                 background: set[asyncio.Future], lifetime_seconds: float = LIFETIME_SECONDS) -> None:
+        self.lifetime_seconds = lifetime_seconds
         self._backend = backend
         self._close = close
         self._background = background
         self._by_user: dict[str, Spare] = {}
-        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._closed = False  # shutting down: no spare starts any more
 
     def take(self, user_id: str, box: Box) -> Terminal | None:
         """The user's spare, ready and in `box`, for a tab to adopt; None otherwise (a spare
@@ -57,6 +63,7 @@ class Spares:
         if spare is None or not spare.ready:
             return None
         del self._by_user[user_id]
+        spare.expiry.cancel()
         if spare.terminal.closed or spare.terminal.box.ref != box.ref:
             self._end(spare)
             return None
@@ -65,24 +72,24 @@ class Spares:
     def start_soon(self, user: UserRef, box: Box) -> None:
         asyncio.get_running_loop().call_later(START_DELAY_SECONDS, self._start, user, box)
 
-    def keep(self, user_id: str) -> None:
-        """The user has a terminal open: their spare stays."""
-        expiry = self._expiry.pop(user_id, None)
-        if expiry is not None:
-            expiry.cancel()
-
-    def expire_later(self, user_id: str) -> None:
-        """The user's last terminal closed: their spare ends in GRACE_SECONDS unless one opens."""
-        self.keep(user_id)
-        self._expiry[user_id] = asyncio.get_running_loop().call_later(GRACE_SECONDS, self.discard, user_id)
+    def user_left(self, user_id: str) -> None:
+        """The user's last terminal closed: their spare ends within GRACE_SECONDS."""
+        spare = self._by_user.get(user_id)
+        if spare is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = min(GRACE_SECONDS, spare.expiry.when() - loop.time())
+        spare.expiry.cancel()
+        spare.expiry = loop.call_later(left, self._expire, user_id, spare.terminal.session)
 
     def discard(self, user_id: str) -> None:
-        self._expiry.pop(user_id, None)
         spare = self._by_user.pop(user_id, None)
         if spare is not None:
             self._end(spare)
 
     def discard_all(self) -> None:
+        """Shutdown: end every spare, and start none from now on."""
+        self._closed = True
         for user_id in list(self._by_user):
             self.discard(user_id)
 
@@ -91,7 +98,7 @@ class Spares:
         return sum(1 for spare in self._by_user.values() if spare.ready)
 
     def _start(self, user: UserRef, box: Box) -> None:
-        if user.user_id in self._by_user:
+        if self._closed or self.lifetime_seconds <= 0 or user.user_id in self._by_user:
             return
         client_id = secrets.token_hex(8)
         command = self._backend.spare_command(box, client_id)
@@ -109,8 +116,14 @@ class Spares:
         except OSError as exc:  # only the speed-up is lost
             log.warning("could not start a spare attachment for user %s: %s", user.user_id, exc)
             return
-        spare = Spare(Terminal(user=user, tab_id="", client_id=client_id, box=box, session=session))
+        expiry = asyncio.get_running_loop().call_later(self.lifetime_seconds, self._expire, user.user_id, session)
+        spare = Spare(Terminal(user=user, tab_id="", client_id=client_id, box=box, session=session), expiry)
         self._by_user[user.user_id] = spare
+
+    def _expire(self, user_id: str, session: PtySession) -> None:
+        spare = self._by_user.get(user_id)
+        if spare is not None and spare.terminal.session is session:
+            self.discard(user_id)
 
     def _ended(self, user_id: str, spare: Spare | None) -> None:
         """A spare's program ended by itself (its container stopped, say)."""
@@ -120,6 +133,7 @@ class Spares:
             self._end(spare)
 
     def _end(self, spare: Spare) -> None:
+        spare.expiry.cancel()
         task = asyncio.ensure_future(self._close(spare.terminal))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
