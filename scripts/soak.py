@@ -451,7 +451,7 @@ class Soak:
 
     async def quiet_point(self, timeout: float = 60.0) -> dict[str, float]:
         """Every terminal of the server closed and its children reaped (spare attachments
-        too, within 15 s); then a measurement."""
+        too, within 5 s); then a measurement."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sample = self.measure()

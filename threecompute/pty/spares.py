@@ -28,7 +28,7 @@ from .terminal import Terminal, attach_env
 log = logging.getLogger(__name__)
 
 LIFETIME_SECONDS = 60.0  # a spare nobody took by then ends (SPARE_ATTACH_SECONDS; 0: no spares)
-GRACE_SECONDS = 15.0  # ... or by this long after its user's last terminal closed
+GRACE_SECONDS = 5.0  # ... or by this long after its user's last terminal closed (a reload)
 START_DELAY_SECONDS = 0.05  # after an attach, so that starting the spare does not delay its output
 
 
