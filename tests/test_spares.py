@@ -36,7 +36,7 @@ def waiting_wrappers(services) -> int:
     engine = docker.from_env(version="auto")
     labels = [f"{LABEL_DEPLOYMENT}={services.backend.deployment}", f"{LABEL_USER}={dev_user_id(EMAIL)}"]
     (container,) = engine.containers.list(filters={"label": labels})
-    top = container.top(ps_args="-eo pid,args")
+    top = container.top(ps_args="-eww -o pid,args")  # -ww: whatever COLUMNS the engine has
     return sum(1 for row in top["Processes"] if spares.SPARE_READY in row[-1])
 
 
