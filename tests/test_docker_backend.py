@@ -145,6 +145,21 @@ def deployment_containers(engine: docker.DockerClient, settings: Settings, **fil
 
 
 
+@contextlib.contextmanager
+def attached(backend: DockerBackend, box: Box, tab: str, client_id: str,
+             timeout: float = 15.0) -> Iterator[ptyprocess.PtyProcess]:
+    """Tab `tab` attached under a PTY, its shell seen answering; on the way out its `docker
+    exec` client is killed (not detached: the tmux client in the container lives on)."""
+    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, tab, client_id).argv, dimensions=(24, 80))
+    try:
+        proc.write(b"echo up-$((40+2))\r")
+        read_until(proc, "up-42", timeout)
+        yield proc
+    finally:
+        proc.terminate(force=True)
+        proc.close()
+
+
 def tmux_clients(container) -> list[str]:
     code, out = run_in(container, "tmux", "list-clients", "-F", "#{client_pid}")
     return out.split() if code == 0 else []
@@ -429,14 +444,8 @@ def test_attach_gives_a_tmux_shell_and_detach_ends_its_client(shared):
     backend = DockerBackend(settings)
     box = asyncio.run(backend.ensure(user))
     before = tmux_clients(container)
-    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, "5", "detachme01").argv, dimensions=(24, 80))
-    try:
-        proc.write(b"echo hi-$((40+2))\r")
-        read_until(proc, "hi-42")
+    with attached(backend, box, "5", "detachme01"):
         assert len(tmux_clients(container)) == len(before) + 1
-    finally:
-        proc.terminate(force=True)
-        proc.close()
     asyncio.run(backend.detach(box, "detachme01"))
     deadline = time.monotonic() + 5
     while tmux_clients(container) != before and time.monotonic() < deadline:
@@ -622,16 +631,10 @@ def test_detach_works_in_a_container_at_its_pids_limit(engine, settings_for):
     backend, user = DockerBackend(settings), None
     user = make_user(settings, "full")
     box = asyncio.run(backend.ensure(user))
-    proc = ptyprocess.PtyProcess.spawn(backend.attach_command(box, "1", "fullpids01").argv, dimensions=(24, 80))
-    try:
-        proc.write(b"echo hi-$((40+2))\r")
-        read_until(proc, "hi-42")
+    with attached(backend, box, "1", "fullpids01") as proc:
         fill_pids(proc, backend, box.ref, 24)
         assert cannot_fork(engine.containers.get(box.ref)), "the container can still fork"
         assert tmux_client_count(backend, box.ref) == 1
-    finally:
-        proc.terminate(force=True)
-        proc.close()
     asyncio.run(backend.detach(box, "fullpids01"))
     assert wait_until(lambda: tmux_client_count(backend, box.ref) == 0), process_names(backend, box.ref)
 
@@ -643,18 +646,10 @@ def test_a_container_full_of_orphaned_clients_recovers_when_its_user_returns(eng
     crashed = DockerBackend(settings)  # a server that went away without detaching its terminals
     user = make_user(settings, "orphans")
     box = asyncio.run(crashed.ensure(user))
-    procs = [ptyprocess.PtyProcess.spawn(crashed.attach_command(box, "1", f"orphan{n:04d}").argv, dimensions=(24, 80))
-             for n in range(4)]
-    try:
-        for n, proc in enumerate(procs):
-            proc.write(f"echo up-{n}-$((1+1))\r".encode())
-            read_until(proc, f"up-{n}-2")
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(attached(crashed, box, "1", f"orphan{n:04d}")) for n in range(4)]
         fill_pids(procs[0], crashed, box.ref, 24)
         assert cannot_fork(engine.containers.get(box.ref)), "the container can still fork"
-    finally:
-        for proc in procs:
-            proc.terminate(force=True)
-            proc.close()
     assert tmux_client_count(crashed, box.ref) == 4, "the clients outlive their docker exec"
 
     monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)
@@ -663,13 +658,10 @@ def test_a_container_full_of_orphaned_clients_recovers_when_its_user_returns(eng
     assert wait_until(lambda: tmux_client_count(restarted, box.ref) == 0), process_names(restarted, box.ref)
     # The hung-up clients' pids go back to the cgroup once their exec's shim has reaped them.
     assert wait_until(lambda: pids_in_use(restarted, box.ref) < 24, timeout=20), pids_in_use(restarted, box.ref)
-    proc = ptyprocess.PtyProcess.spawn(restarted.attach_command(box, "1", "returned01").argv, dimensions=(24, 80))
     try:
-        proc.write(b"echo back-$((40+2))\r")
-        read_until(proc, "back-42", timeout=20)
+        with attached(restarted, box, "1", "returned01", timeout=20):
+            pass  # its shell answered
     finally:
-        proc.terminate(force=True)
-        proc.close()
         asyncio.run(restarted.detach(box, "returned01"))
 
 
@@ -682,19 +674,13 @@ def test_a_replica_never_hangs_up_another_replicas_clients(engine, settings_for,
     first, second = DockerBackend(settings), DockerBackend(dataclasses.replace(settings, port=settings.port + 1))
     user = make_user(settings, "twice")
     box = asyncio.run(first.ensure(user))
-    proc = ptyprocess.PtyProcess.spawn(first.attach_command(box, "1", "viafirst01").argv, dimensions=(24, 80))
-    try:
-        proc.write(b"echo first-$((1+1))\r")
-        read_until(proc, "first-2")
+    with attached(first, box, "1", "viafirst01") as proc:
         monkeypatch.setattr("threecompute.containers.docker.STALE_CLIENT_SECONDS", 0.0)  # as if long open
         asyncio.run(second.ensure(user))
         time.sleep(1)
         assert tmux_client_count(first, box.ref) == 1, "the other replica hung up a live tab"
         proc.write(b"echo still-$((2+2))\r")
         read_until(proc, "still-4")
-    finally:
-        proc.terminate(force=True)
-        proc.close()
     asyncio.run(DockerBackend(settings).ensure(user))  # the first replica, restarted, cleans up after itself
     assert wait_until(lambda: tmux_client_count(first, box.ref) == 0), process_names(first, box.ref)
 
