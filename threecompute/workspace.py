@@ -430,17 +430,10 @@ class Workspace:
 
     @_os_errors()
     def read(self, rel: str) -> FileInfo:
-        with self._parent_of(_split_path(rel)) as (parent, name):
-            fd = self._open_target(parent, name)
-        try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                raise WorkspaceError(404, "not a file")
+        with self._regular_file(_split_path(rel)) as (fd, status):
             real = _fd_path(fd)
             with _reopen_for_reading(fd) as file:
                 head = file.read(SNIFF_BYTES)
-        finally:
-            os.close(fd)
         media, attachment = _media_type(real, head, complete=len(head) < SNIFF_BYTES)
         return FileInfo(Path(real), status.st_size, media, attachment)
 
@@ -453,26 +446,29 @@ class Workspace:
         parts = _split_path(rel)
         if not self.on_local_disk or len(parts) > CACHED_READ_DEPTH:
             return None
+        with self._regular_file(parts) as (fd, status):
+            if status.st_size > limit:
+                return None
+            real = _fd_path(fd)
+            with _reopen_for_reading(fd) as file:
+                data = _read_if_cached(file.fileno(), status.st_size)
+        if data is None:
+            return None
+        media, attachment = _media_type(real, data, complete=True)
+        return FileInfo(Path(real), len(data), media, attachment), data
+
+    @contextmanager
+    def _regular_file(self, parts: list[str]) -> Iterator[tuple[int, os.stat_result]]:
+        """An O_PATH descriptor of the regular file `parts` leads to, and its status; 404 else."""
         with self._parent_of(parts) as (parent, name):
             fd = self._open_target(parent, name)
         try:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
                 raise WorkspaceError(404, "not a file")
-            if status.st_size > limit:
-                return None
-            real = _fd_path(fd)
-            readable = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # see _reopen_for_reading
+            yield fd, status
         finally:
             os.close(fd)
-        try:
-            data = _read_if_cached(readable, status.st_size)
-        finally:
-            os.close(readable)
-        if data is None:
-            return None
-        media, attachment = _media_type(real, data, complete=True)
-        return FileInfo(Path(real), len(data), media, attachment), data
 
     @_os_errors()
     def open_writer(self, rel: str, make_parents: bool = False, created: list[str] | None = None) -> AtomicWriter:
