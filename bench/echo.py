@@ -9,9 +9,10 @@ TTYD=path, default ../shared/peers/ttyd, skipped with a message when missing) an
 serving that command (each its own process, like ours), and the floor, a PTY in this process
 with no WebSocket. At each level N, N-1 idle terminals are open on each server (spread over
 users, 50 per container), one is measured. Keystrokes alternate between the clients one by
-one (and `seq` runs likewise), so a noisy moment on the machine hurts all alike. Memory of
-the servers and their PTY children is sampled at each level, before and after the
-measurements (bench/memory.py reads them).
+one (and `seq` runs likewise), so a noisy moment on the machine hurts all alike; who goes
+first changes every round, and the round after each line clear is not timed (see
+`interleaved_echoes`). Memory of the servers and their PTY children is sampled at each
+level, before and after the measurements (bench/memory.py reads them).
 """
 
 from __future__ import annotations
@@ -176,18 +177,28 @@ async def clear_line(term: TermClient) -> None:
     await term.settle(0.05, 2.0)
 
 
+def turn_order(kinds: list[str], keystroke: int) -> list[str]:
+    """Who types first moves round by round, so that no client always follows the same one."""
+    start = keystroke % len(kinds)
+    return kinds[start:] + kinds[:start]
+
+
 async def interleaved_echoes(terms: dict[str, TermClient], count: int) -> tuple[dict[str, list[float]],
                                                                                dict[str, int]]:
     """`count` keystrokes into each terminal, taking turns one keystroke at a time, each
     waiting for its echo; lines are emptied now and then. An echo that never comes (5 s)
-    is counted as lost, not sampled."""
+    is counted as lost, not sampled. The round after each line clear is typed but not
+    timed: after the clears' quiet spell the first keystroke is 2-4 ms slower for whoever
+    types it, the machine's idle CPUs and caches waking up, whichever server it goes to."""
     samples: dict[str, list[float]] = {kind: [] for kind in terms}
     lost = dict.fromkeys(terms, 0)
     for i in range(count):
         if i % CLEAR_EVERY == 0:
             for term in terms.values():
                 await clear_line(term)
-        for kind, term in terms.items():
+            await untimed_round(terms)
+        for kind in turn_order(list(terms), i):
+            term = terms[kind]
             try:
                 samples[kind].append(await echo_once(term, LETTERS[i % len(LETTERS)]))
             except TerminalClosed as exc:
@@ -198,6 +209,16 @@ async def interleaved_echoes(terms: dict[str, TermClient], count: int) -> tuple[
     for term in terms.values():
         await clear_line(term)
     return samples, lost
+
+
+async def untimed_round(terms: dict[str, TermClient]) -> None:
+    for kind, term in terms.items():
+        try:
+            await echo_once(term, LETTERS[0])
+        except TerminalClosed as exc:
+            raise TerminalClosed(f"{kind}'s measured terminal: {exc}") from exc
+        except TimeoutError:
+            await clear_line(term)
 
 
 async def seq_once(term: TermClient, tag: str) -> dict[str, float]:

@@ -68,6 +68,18 @@ async def test_a_reconnect_resumes_the_same_shell_and_another_tab_is_another(cli
 
 
 @pytest.mark.gen_test(timeout=90)
+async def test_an_open_terminal_socket_lets_go_of_its_upgrade_request(client, services):
+    term = await TerminalClient.open(await signed_in(client), tab="3")
+    await term.run("echo open-$((3+3))", "open-6")
+    (socket,) = services.open_sockets
+    assert len(socket.request.headers) == 0  # the Cookie, User-Agent, Origin... lines are gone
+    assert "_cookies" not in socket.request.__dict__
+    assert socket.request.remote_ip == "127.0.0.1"  # what logs and limits use stays
+    await term.run("echo still-$((2+5))", "still-7")
+    term.close()
+
+
+@pytest.mark.gen_test(timeout=90)
 async def test_close_tab_ends_the_shell(client):
     await signed_in(client)
     term = await TerminalClient.open(client, tab="5")

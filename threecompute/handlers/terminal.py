@@ -55,6 +55,9 @@ def wants_files_changed(events: str) -> bool:
 
 
 class TerminalSocket(ClosingWebSocketHandler):
+    # Slots, not the instance dict: Tornado's handler fills that dict to CPython's limit for
+    # key sharing, and eight more keys would make every socket's dict a private 1.5 KiB one.
+    __slots__ = ("services", "user", "tab_id", "terminal", "attaching", "input", "unwatch_files", "watcher")
     services: Services
     user: UserRef
     tab_id: str
@@ -97,6 +100,7 @@ class TerminalSocket(ClosingWebSocketHandler):
         self.services.open_sockets.add(self)
         if self.watcher is None and wants_files_changed(self.get_query_argument("events", "")):
             self.unwatch_files = self.services.hub.files.watch(self.user.user_id, self.send_files_changed)
+        self.forget_handshake()
         self.attaching = asyncio.ensure_future(self.attach())
 
     async def attach(self) -> None:
@@ -121,6 +125,7 @@ class TerminalSocket(ClosingWebSocketHandler):
             await self.services.hub.close(self.terminal)
             return
         self.input.attach(self.terminal)
+        self.attaching = None  # done: nothing left to wait for or cancel
 
     def on_close(self) -> None:
         self.services.open_sockets.discard(self)

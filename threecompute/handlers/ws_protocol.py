@@ -29,6 +29,7 @@ from __future__ import annotations
 import struct
 
 import tornado.websocket
+from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketProtocol13, _DecompressTooLargeError
 
 MESSAGE_TOO_BIG = 1009
@@ -59,6 +60,8 @@ def frame_length(header: bytes) -> int | None:
 
 
 class ClosingProtocol(WebSocketProtocol13):
+    __slots__ = ("_header",)  # kept out of the instance dict, which Tornado's keys fill to the sharing limit
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._header: bytes | None = None  # the current frame's first bytes, until its length is known
@@ -124,6 +127,15 @@ class ClosingProtocol(WebSocketProtocol13):
 
 class ClosingWebSocketHandler(tornado.websocket.WebSocketHandler):
     """A WebSocketHandler speaking `ClosingProtocol` (a mixin base for this server's sockets)."""
+
+    def forget_handshake(self) -> None:
+        """Let go of what only the upgrade needed: the request's headers, its parsed cookies
+        and the 101's response headers. A terminal socket lives for hours, and these are
+        about 4 KiB of every one (the request line and the peer's address stay). Emptied in
+        place: Tornado's HTTP reader, suspended for the socket's life, holds the same object."""
+        for headers in (self.request.headers, self._headers):
+            HTTPHeaders.__init__(headers)
+        self.request.__dict__.pop("_cookies", None)
 
     def get_websocket_protocol(self) -> WebSocketProtocol13 | None:
         stock = super().get_websocket_protocol()
