@@ -421,9 +421,12 @@ class Soak:
         try:
             proc = psutil.Process(self.server.pid)
             with proc.oneshot():
+                cpu = proc.cpu_times()
                 return {"t": round(self.rec.now(), 2), "rss": proc.memory_info().rss, "fds": proc.num_fds(),
                         "children": len(proc.children(recursive=True)), "threads": proc.num_threads(),
-                        "terminals": self.rec.open_terminals}
+                        "terminals": self.rec.open_terminals, "server_cpu_s": round(cpu.user + cpu.system, 2),
+                        "soak_cpu_s": round(sum(psutil.Process().cpu_times()[:2]), 2),
+                        "machine_busy_percent": psutil.cpu_percent(None)}
         except (psutil.NoSuchProcess, AssertionError):
             return None
 
@@ -655,6 +658,31 @@ def not_engine(point: dict) -> int:
     return point.get("fds", 0) - point.get("descriptor_kinds", {}).get("engine", 0)
 
 
+def cpu_shares(samples: list[dict[str, Any]], windows: list[tuple[float, float]]) -> dict[str, float | None]:
+    """Who kept the cores busy while terminals were open, outside the fault windows: the
+    server (in cores), this load generator (in cores) and the machine as a whole (percent)."""
+    server, soak_own, busy = [], [], []
+    for a, b in zip(samples, samples[1:], strict=False):
+        span = b["t"] - a["t"]
+        if span <= 0 or not b.get("terminals") or in_windows(b["t"], windows) or "server_cpu_s" not in a:
+            continue
+        if b["server_cpu_s"] >= a["server_cpu_s"]:  # a restart starts the count again
+            server.append((b["server_cpu_s"] - a["server_cpu_s"]) / span)
+        soak_own.append((b["soak_cpu_s"] - a["soak_cpu_s"]) / span)
+        busy.append(b["machine_busy_percent"])
+    return {"server_cores_mean": mean_or_none(server), "server_cores_p95": percentile_or_none(server, 95),
+            "soak_client_cores_mean": mean_or_none(soak_own), "machine_busy_percent_mean": mean_or_none(busy),
+            "cores": os.cpu_count()}
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def percentile_or_none(values: list[float], pct: float) -> float | None:
+    return round(percentile(sorted(values), pct), 2) if values else None
+
+
 def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers: dict, wall: float) -> dict[str, Any]:
     rec = soak.rec
     windows = [(f["start"], f["end"]) for f in rec.faults]
@@ -696,6 +724,7 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
                               "timeouts": len(rec.bystander_timeouts)},
         "echo_ms": summarize([v for _, v in rec.echo]),
         "attach_ms": summarize(rec.attach, digits=1),
+        "cpu": cpu_shares(rec.samples, windows),
         "errors": dict(rec.errors),
         "errors_outside_faults": dict(errors_outside),
         "samples": rec.samples,
@@ -864,6 +893,7 @@ def run(args: argparse.Namespace) -> int:
           f"  files {({k: v for k, v in report['files'].items() if k not in ('lost', 'temp_files')})}, "
           f"lost {len(report['files']['lost'])}, leaks {report['leaks']}, memory {report['memory']}\n"
           f"  bystander echo outside faults: n={by.get('n')} p50 {by.get('p50')} p99 {by.get('p99')} ms\n"
+          f"  cpu while terminals were open: {report['cpu']}\n"
           f"wrote {args.out}" + (f" and {chart}" if report.get("chart") else ""))
     return 0 if report["passed"] else 1
 
