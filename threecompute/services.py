@@ -14,6 +14,7 @@ from .containers.backend import ContainerBackend, UserRef
 from .deploy import Deployer
 from .grading import Grader
 from .identity import OAuthClient, TokenCodec
+from .keepalive import Keepalive
 from .limits import UserLimits
 from .metrics import Metrics
 from .pty.hub import TerminalHub, TerminalLimits
@@ -39,6 +40,7 @@ class Services:
     file_executor: ThreadPoolExecutor
     rate_limits: dict[str, RateLimiter] = field(default_factory=dict)  # "files", "tabs", "signin"
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
+    keepalive: Keepalive = field(default_factory=Keepalive)  # pings the terminal WebSockets
     limits: UserLimits = field(default_factory=UserLimits)  # each user's share of uploads and threads
     metrics: Metrics = field(default_factory=Metrics)
     classrooms: Classrooms = field(init=False)

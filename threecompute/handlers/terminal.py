@@ -17,6 +17,7 @@ from typing import Any
 
 import tornado.websocket
 
+from .. import keepalive
 from ..containers.backend import TAB_ID, BackendError, UserRef
 from ..pty import Terminal, TerminalLimit
 from ..services import Services
@@ -26,7 +27,8 @@ from .ws_protocol import ClosingWebSocketHandler
 
 log = logging.getLogger("threecompute.terminal")
 MAX_FRAME_BYTES = 1024 * 1024
-PING_INTERVAL_SECONDS = 25
+# Tornado's own pings, for the Socket.IO sockets; the terminal sockets share services.keepalive.
+PING_INTERVAL_SECONDS = keepalive.INTERVAL_SECONDS
 PING_TIMEOUT_SECONDS = 20  # a client silent this long after a ping is gone (tornado: at most the interval)
 GOING_AWAY = 1001
 TERMINAL_UNAVAILABLE = 1011
@@ -57,7 +59,8 @@ def wants_files_changed(events: str) -> bool:
 class TerminalSocket(ClosingWebSocketHandler):
     # Slots, not the instance dict: Tornado's handler fills that dict to CPython's limit for
     # key sharing, and eight more keys would make every socket's dict a private 1.5 KiB one.
-    __slots__ = ("services", "user", "tab_id", "terminal", "attaching", "input", "unwatch_files", "watcher")
+    __slots__ = ("services", "user", "tab_id", "terminal", "attaching", "input", "unwatch_files", "watcher",
+                 "pong_awaited")
     services: Services
     user: UserRef
     tab_id: str
@@ -69,6 +72,7 @@ class TerminalSocket(ClosingWebSocketHandler):
         self.input = InputRouter(self.send_error_frame)
         self.unwatch_files: Callable[[], None] | None = None
         self.watcher: str | None = None  # set for a read-only view: who watches
+        self.pong_awaited = False
 
     def tab_argument(self) -> str:
         tab_id = self.get_query_argument("tabId", "1")
@@ -101,6 +105,7 @@ class TerminalSocket(ClosingWebSocketHandler):
         if self.watcher is None and wants_files_changed(self.get_query_argument("events", "")):
             self.unwatch_files = self.services.hub.files.watch(self.user.user_id, self.send_files_changed)
         self.forget_handshake()
+        self.services.keepalive.add(self)
         self.attaching = asyncio.ensure_future(self.attach())
 
     async def attach(self) -> None:
@@ -129,6 +134,7 @@ class TerminalSocket(ClosingWebSocketHandler):
 
     def on_close(self) -> None:
         self.services.open_sockets.discard(self)
+        self.services.keepalive.discard(self)
         if self.unwatch_files is not None:
             self.unwatch_files()
         if self.attaching is not None and self.terminal is None:
@@ -156,6 +162,22 @@ class TerminalSocket(ClosingWebSocketHandler):
                 self.close(TERMINAL_UNAVAILABLE, "terminal lost")
                 return
         self.close(1000, "terminal exited")
+
+    @property
+    def ping_interval(self) -> float | None:
+        return None  # no ping task per socket: services.keepalive pings them all
+
+    def keepalive(self) -> None:
+        """Each keepalive interval: a ping, or the end for a client that never answered the last."""
+        if self.pong_awaited:
+            self.close(reason="ping timed out")
+            return
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            self.ping()
+            self.pong_awaited = True
+
+    def on_pong(self, data: bytes) -> None:
+        self.pong_awaited = False
 
     # -- frames --------------------------------------------------------------------------
 
