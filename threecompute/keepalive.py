@@ -1,7 +1,7 @@
 """One timer that pings every terminal socket, instead of a task per socket.
 
 Tornado's own WebSocket pings keep a task, a coroutine and a timer for every connection
-(about 0.8 KiB each, and a wake-up per socket per interval). Here one PeriodicCallback walks
+(about 1.6 KiB each, and a wake-up per socket per interval). Here one PeriodicCallback walks
 the open sockets each interval and asks each to `keepalive()`: send a ping, or, if the
 client never answered the previous one (a whole interval ago), close.
 """
