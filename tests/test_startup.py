@@ -165,4 +165,7 @@ def test_the_server_reports_on_sigusr1_and_stops_cleanly_on_sigterm(tmp_path):
     assert process.returncode == 0, output
     assert "random one" in output  # --dev without FLASK_SECRET says so
     assert re.search(r"resources: 0 terminal\(s\), \d+ descriptor\(s\), \d+ thread\(s\)", output), output
+    # What startup made is frozen out of the collector's reach: it outnumbers what it still scans.
+    tracked, frozen = map(int, re.search(r"(\d+) tracked, (\d+) frozen at startup", output).groups())
+    assert frozen > 10_000 and frozen > 3 * tracked, output
     assert "Traceback" not in output
