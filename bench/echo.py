@@ -196,29 +196,28 @@ async def interleaved_echoes(terms: dict[str, TermClient], count: int) -> tuple[
         if i % CLEAR_EVERY == 0:
             for term in terms.values():
                 await clear_line(term)
-            await untimed_round(terms)
-        for kind in turn_order(list(terms), i):
-            term = terms[kind]
-            try:
-                samples[kind].append(await echo_once(term, LETTERS[i % len(LETTERS)]))
-            except TerminalClosed as exc:
-                raise TerminalClosed(f"{kind}'s measured terminal: {exc}") from exc
-            except TimeoutError:
-                lost[kind] += 1
-                await clear_line(term)
+            await echo_round(terms, i, dict.fromkeys(terms, 0))  # untimed; its losses not counted
+        for kind, seconds in (await echo_round(terms, i, lost)).items():
+            samples[kind].append(seconds)
     for term in terms.values():
         await clear_line(term)
     return samples, lost
 
 
-async def untimed_round(terms: dict[str, TermClient]) -> None:
-    for kind, term in terms.items():
+async def echo_round(terms: dict[str, TermClient], keystroke: int, lost: dict[str, int]) -> dict[str, float]:
+    """One keystroke into each terminal, in turn order: the echo times of those that came
+    (an echo that never comes is counted in `lost` and its line emptied)."""
+    times: dict[str, float] = {}
+    for kind in turn_order(list(terms), keystroke):
+        term = terms[kind]
         try:
-            await echo_once(term, LETTERS[0])
+            times[kind] = await echo_once(term, LETTERS[keystroke % len(LETTERS)])
         except TerminalClosed as exc:
             raise TerminalClosed(f"{kind}'s measured terminal: {exc}") from exc
         except TimeoutError:
+            lost[kind] += 1
             await clear_line(term)
+    return times
 
 
 async def seq_once(term: TermClient, tag: str) -> dict[str, float]:

@@ -658,7 +658,7 @@ def not_engine(point: dict) -> int:
     return point.get("fds", 0) - point.get("descriptor_kinds", {}).get("engine", 0)
 
 
-def cpu_shares(samples: list[dict[str, Any]], windows: list[tuple[float, float]]) -> dict[str, float | None]:
+def cpu_shares(samples: list[dict[str, Any]], windows: list[tuple[float, float]]) -> dict[str, Any]:
     """Who kept the cores busy while terminals were open, outside the fault windows: the
     server (in cores), this load generator (in cores) and the machine as a whole (percent)."""
     server, soak_own, busy = [], [], []
@@ -670,17 +670,9 @@ def cpu_shares(samples: list[dict[str, Any]], windows: list[tuple[float, float]]
             server.append((b["server_cpu_s"] - a["server_cpu_s"]) / span)
         soak_own.append((b["soak_cpu_s"] - a["soak_cpu_s"]) / span)
         busy.append(b["machine_busy_percent"])
-    return {"server_cores_mean": mean_or_none(server), "server_cores_p95": percentile_or_none(server, 95),
-            "soak_client_cores_mean": mean_or_none(soak_own), "machine_busy_percent_mean": mean_or_none(busy),
-            "cores": os.cpu_count()}
-
-
-def mean_or_none(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 2) if values else None
-
-
-def percentile_or_none(values: list[float], pct: float) -> float | None:
-    return round(percentile(sorted(values), pct), 2) if values else None
+    return {"server_cores": summarize(server, scale=1, digits=2),
+            "soak_client_cores": summarize(soak_own, scale=1, digits=2),
+            "machine_busy_percent": summarize(busy, scale=1, digits=1), "cores": os.cpu_count()}
 
 
 def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers: dict, wall: float) -> dict[str, Any]:
