@@ -6,9 +6,10 @@ PORT_BASE. `running_server()` starts one and, whatever happens (an exception, Ct
 SIGTERM), stops it and removes everything its deployment made on the Docker engine: the
 containers and networks labelled `3compute.deployment=<hash>` and its firewall chains.
 
-Terminal clients share one interface (`send`, `expect`, `settle`, `close`) over three
-transports: this server's JSON frames (`OurTerminal`), terminado's arrays
-(`TerminadoTerminal`) and a bare PTY in this process (`RawTerminal`, the floor).
+Terminal clients share one interface (`send`, `expect`, `settle`, `close`) over four
+transports: this server's JSON frames (`OurTerminal`, and `FloorTerminal` for
+bench/floor_server.py), terminado's arrays (`TerminadoTerminal`), ttyd's type-byte frames
+(`TtydTerminal`) and a bare PTY in this process (`RawTerminal`, the raw floor).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -634,6 +635,11 @@ class WebSocketTerminal(TermClient):
         self.close_code: int | None = None
         self._reader = asyncio.ensure_future(self._read_loop())
 
+    @classmethod
+    async def connect(cls, url: str, timeout: float = 60, **request: Any) -> Self:
+        http = HTTPRequest(url, connect_timeout=timeout, request_timeout=timeout, **request)
+        return cls(await websocket_connect(http, max_message_size=64 * 2**20))
+
     async def _read_loop(self) -> None:
         while True:
             message = await self.connection.read_message()
@@ -668,9 +674,7 @@ class OurTerminal(WebSocketTerminal):
 
     @classmethod
     async def open(cls, ws_url: str, cookie: str, tab: str, timeout: float = 60) -> OurTerminal:
-        request = HTTPRequest(f"{ws_url}/terminal/ws?tabId={tab}", headers={"Cookie": cookie},
-                              connect_timeout=timeout, request_timeout=timeout)
-        return cls(await websocket_connect(request, max_message_size=64 * 2**20))
+        return await cls.connect(f"{ws_url}/terminal/ws?tabId={tab}", timeout, headers={"Cookie": cookie})
 
     def handle(self, message: str | bytes) -> None:
         frame = json.loads(message)
@@ -691,11 +695,6 @@ class TerminadoTerminal(WebSocketTerminal):
 
     kind = "terminado"
 
-    @classmethod
-    async def open(cls, url: str, timeout: float = 60) -> TerminadoTerminal:
-        request = HTTPRequest(url, connect_timeout=timeout, request_timeout=timeout)
-        return cls(await websocket_connect(request, max_message_size=64 * 2**20))
-
     def handle(self, message: str | bytes) -> None:
         frame = json.loads(message)
         if frame[0] == "stdout":
@@ -706,6 +705,12 @@ class TerminadoTerminal(WebSocketTerminal):
 
     async def resize(self, rows: int, cols: int) -> None:
         await self.write(json.dumps(["set_size", rows, cols, rows, cols]))
+
+
+class FloorTerminal(OurTerminal):
+    """bench/floor_server.py: this server's frames from the least a Python relay can do."""
+
+    kind = "python-floor"
 
 
 class RawTerminal(TermClient):
@@ -818,36 +823,39 @@ def attach_spec(server: ServerProcess, email: str, tab: str, ref: str | None = N
 
 
 @dataclass
-class TerminadoProcess:
-    """bench/terminado_server.py in its own process (like our server is)."""
+class SpecServerProcess:
+    """A bench server module in its own process (like our server is) serving, at
+    `/ws/<name>`, the command the benchmark wrote to `<spec_dir>/<name>.json`."""
 
     port: int
     spec_dir: Path
     proc: subprocess.Popen
+    client: type[WebSocketTerminal]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    async def open(self, name: str, spec: AttachSpec) -> TerminadoTerminal:
+    async def open(self, name: str, spec: AttachSpec) -> WebSocketTerminal:
         (self.spec_dir / f"{name}.json").write_text(json.dumps(spec.as_json()))
-        return await TerminadoTerminal.open(f"ws://127.0.0.1:{self.port}/ws/{name}")
+        return await self.client.connect(f"ws://127.0.0.1:{self.port}/ws/{name}")
 
 
 @contextlib.contextmanager
-def running_terminado(root: Path) -> Iterator[TerminadoProcess]:
-    spec_dir = root / "terminado-specs"
+def running_spec_server(module: str, client: type[WebSocketTerminal], root: Path) -> Iterator[SpecServerProcess]:
+    """`python -m <module> --port P --spec-dir DIR` (bench.terminado_server, bench.floor_server)."""
+    spec_dir = root / f"{client.kind}-specs"
     spec_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.terminado_server", "--port", str(port),
-                             "--spec-dir", str(spec_dir)], cwd=ROOT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--spec-dir", str(spec_dir)],
+                            cwd=ROOT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while port_is_free(port, "127.0.0.1"):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("terminado did not start")
+                raise RuntimeError(f"{module} did not start")
             time.sleep(0.05)
-        yield TerminadoProcess(port=port, spec_dir=spec_dir, proc=proc)
+        yield SpecServerProcess(port=port, spec_dir=spec_dir, proc=proc, client=client)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

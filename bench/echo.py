@@ -1,14 +1,17 @@
-"""Keystroke echo and `seq 1 300000`, 3Compute vs terminado vs the raw PTY, at 1/50/200 terminals.
+"""Keystroke echo and `seq 1 300000`, 3Compute vs ttyd, the Python floor, terminado and the raw PTY,
+at 1/50/200 terminals.
 
     python -m bench.echo [--backend docker|local] [--levels 1,50,200] [--keystrokes 400] [--seq-reps 5]
 
 Three clients type into tmux sessions of the same container through the same
 `docker exec -it ... tmux new-session -A` command (the backend's own `attach_command`):
 our server (WebSocket → PTY → docker exec → tmux), ttyd (C, libwebsockets; found through
-TTYD=path, default ../shared/peers/ttyd, skipped with a message when missing) and terminado
-serving that command (each its own process, like ours), and the floor, a PTY in this process
-with no WebSocket. At each level N, N-1 idle terminals are open on each server (spread over
-users, 50 per container), one is measured. Keystrokes alternate between the clients one by
+TTYD=path, default ../shared/peers/ttyd, skipped with a message when missing), the Python
+floor (bench/floor_server.py: the least a Python relay can do, in our frames) and terminado
+serving that command (each its own process, like ours), and the raw floor, a PTY in this
+process with no WebSocket. At each level N, N-1 idle terminals are open on ours, ttyd and
+terminado (spread over users, 50 per container), one is measured on each; the floors have
+only their measured one. Keystrokes alternate between the clients one by
 one (and `seq` runs likewise), so a noisy moment on the machine hurts all alike; who goes
 first changes every round, and the round after each line clear is not timed (see
 `interleaved_echoes`). Memory of the servers and their PTY children is sampled at each
@@ -28,11 +31,13 @@ from typing import Any
 
 from bench.common import (
     AttachSpec,
+    FloorTerminal,
     OurTerminal,
     RawTerminal,
     ServerProcess,
+    SpecServerProcess,
     TermClient,
-    TerminadoProcess,
+    TerminadoTerminal,
     TerminalClosed,
     TtydProcess,
     attach_spec,
@@ -45,7 +50,7 @@ from bench.common import (
     ratio,
     run_main,
     running_server,
-    running_terminado,
+    running_spec_server,
     running_ttyd,
     summarize,
     ttyd_missing_message,
@@ -62,7 +67,7 @@ SEQ_COMMAND = "seq 1 300000"
 SEQ_TIMEOUT = 90.0
 LETTERS = "abcdefgijknopqrstuvwxyz"
 CLEAR_EVERY = 40
-KINDS = ("3compute", "ttyd", "terminado", "raw")
+KINDS = ("3compute", "ttyd", "python-floor", "terminado", "raw")
 SERVERS = ("3compute", "ttyd", "terminado")  # the ones with idle terminals and memory
 
 
@@ -72,10 +77,11 @@ def log(message: str) -> None:
 
 @dataclass
 class Rig:
-    """Our server, terminado, the users, the three measured terminals and the idle ones."""
+    """The servers, the users, the measured terminals and the idle ones."""
 
     server: ServerProcess
-    terminado: TerminadoProcess
+    terminado: SpecServerProcess
+    floor: SpecServerProcess
     emails: list[str]
     cookies: list[str]
     measured: dict[str, TermClient] = field(default_factory=dict)
@@ -117,6 +123,11 @@ class Rig:
         await wait_first_output(term, ATTACH_TIMEOUT)
         return term
 
+    async def open_floor(self, tab: str) -> TermClient:
+        term = await self.floor.open(tab, self.spec(0, tab))
+        await wait_first_output(term, ATTACH_TIMEOUT)
+        return term
+
     def open_raw(self, tab: str) -> TermClient:
         spec = self.spec(0, tab)
         return RawTerminal(spec.argv, spec.env)
@@ -142,12 +153,14 @@ class Rig:
                 term.close()
 
 
-async def make_rig(server: ServerProcess, terminado: TerminadoProcess, max_level: int,
-                   stack: contextlib.ExitStack) -> Rig:
+async def make_rig(server: ServerProcess, max_level: int, stack: contextlib.ExitStack) -> Rig:
     users = max(1, math.ceil(max_level / PER_USER))
     emails = [f"bench{i}@example.com" for i in range(users)]
     cookies = list(await asyncio.gather(*(dev_login(server.base_url, e) for e in emails)))
-    rig = Rig(server=server, terminado=terminado, emails=emails, cookies=cookies)
+    rig = Rig(server=server, emails=emails, cookies=cookies,
+              terminado=stack.enter_context(running_spec_server("bench.terminado_server", TerminadoTerminal,
+                                                                server.root)),
+              floor=stack.enter_context(running_spec_server("bench.floor_server", FloorTerminal, server.root)))
     await rig.make_boxes()
     binary = ttyd_path()
     if binary is None:
@@ -158,6 +171,7 @@ async def make_rig(server: ServerProcess, terminado: TerminadoProcess, max_level
     rig.measured["3compute"] = await rig.open_ours(0, "m1")
     if rig.ttyd is not None:
         rig.measured["ttyd"] = await rig.open_ttyd(0, "ym1")
+    rig.measured["python-floor"] = await rig.open_floor("fm1")
     rig.measured["terminado"] = await rig.open_terminado(0, "tm1")
     rig.measured["raw"] = rig.open_raw("rm1")
     await wait_first_output(rig.measured["raw"], ATTACH_TIMEOUT)
@@ -274,13 +288,18 @@ def seq_summary(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def level_ratios(result: dict[str, Any]) -> dict[str, float | None]:
     echo, seq = result["echo_ms"], result["seq"]
-    ttyd = echo.get("ttyd", {})
+    ttyd, floor = echo.get("ttyd", {}), echo["python-floor"]
     return {
         "echo_p50_vs_ttyd": ratio(echo["3compute"]["p50"], ttyd.get("p50")),
+        "echo_p50_vs_floor": ratio(echo["3compute"]["p50"], floor["p50"]),
+        "floor_p50_vs_ttyd": ratio(floor["p50"], ttyd.get("p50")),
+        "floor_p99_vs_raw": ratio(floor["p99"], echo["raw"]["p99"]),
+        "ttyd_p99_vs_raw": ratio(ttyd.get("p99"), echo["raw"]["p99"]),
         "echo_p99_vs_ttyd": ratio(echo["3compute"]["p99"], ttyd.get("p99")),
         "echo_p99_vs_raw": ratio(echo["3compute"]["p99"], echo["raw"]["p99"]),
         "ttyd_p50_vs_raw": ratio(ttyd.get("p50"), echo["raw"]["p50"]),
         "seq_vs_ttyd": ratio(seq["3compute"]["median_s"], seq.get("ttyd", {}).get("median_s")),
+        "floor_seq_vs_ttyd": ratio(seq["python-floor"]["median_s"], seq.get("ttyd", {}).get("median_s")),
         "echo_p50_vs_terminado": ratio(echo["3compute"]["p50"], echo["terminado"]["p50"]),
         "echo_p50_vs_raw": ratio(echo["3compute"]["p50"], echo["raw"]["p50"]),
         "echo_p99_vs_terminado": ratio(echo["3compute"]["p99"], echo["terminado"]["p99"]),
@@ -291,8 +310,8 @@ def level_ratios(result: dict[str, Any]) -> dict[str, float | None]:
 
 
 async def run_levels(server: ServerProcess, levels: list[int], keystrokes: int, seq_reps: int) -> dict[str, Any]:
-    with running_terminado(server.root) as terminado, contextlib.ExitStack() as stack:
-        rig = await make_rig(server, terminado, max(levels), stack)
+    with contextlib.ExitStack() as stack:
+        rig = await make_rig(server, max(levels), stack)
         try:
             results, failed = [], None
             for lv in sorted(levels):
@@ -322,6 +341,9 @@ def print_table(data: dict[str, Any]) -> None:
         print(f"{'':>9} ratios: echo p50 {r['echo_p50_vs_ttyd']}x ttyd, {r['echo_p50_vs_terminado']}x terminado, "
               f"{r['echo_p50_vs_raw']}x raw; p99 {r['echo_p99_vs_raw']}x raw; seq {r['seq_vs_ttyd']}x ttyd, "
               f"{r['seq_vs_terminado']}x terminado")
+        print(f"{'':>9} the Python floor: echo p50 {r['floor_p50_vs_ttyd']}x ttyd (ours {r['echo_p50_vs_floor']}x "
+              f"the floor), p99 {r['floor_p99_vs_raw']}x raw (ttyd {r['ttyd_p99_vs_raw']}x); seq "
+              f"{r['floor_seq_vs_ttyd']}x ttyd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ this process and its clock, so each hop is timed with the same `perf_counter`:
   client send → server on_message   the WebSocket frame over loopback, Tornado's frame reader
   on_message → PTY written          JSON parse, the input queue, os.write to the PTY master
   PTY written → PTY read            outside the server: the kernel PTY, `docker exec`, tmux, bash
-  PTY read → frame written          UTF-8 decode, coalescing, the JSON frame, write_message
+  PTY read → frame written          UTF-8 decode, coalescing, the JSON frame, write_text
   frame written → client echo       the WebSocket frame back over loopback and the client's read
 
 Both ends run on one loop here, so the client's own work shows in the first and last hops;
@@ -60,7 +60,7 @@ class Marks:
 
 def instrument(marks: Marks) -> None:
     on_message, write, take, send = (TerminalSocket.on_message, PtySession.write, PtySession._take_output,
-                                     TerminalSocket.write_message)
+                                     TerminalSocket.write_text)
 
     def on_message_timed(self: TerminalSocket, message: str | bytes) -> None:
         marks.mark("received")
@@ -74,13 +74,13 @@ def instrument(marks: Marks) -> None:
         marks.mark("read")
         take(self, data)
 
-    def send_timed(self: TerminalSocket, text: Any, binary: bool = False) -> Any:
-        result = send(self, text, binary)
+    def send_timed(self: TerminalSocket, text: str) -> Any:
+        result = send(self, text)
         marks.mark("sent")
         return result
 
     TerminalSocket.on_message, PtySession.write = on_message_timed, write_timed  # type: ignore[method-assign]
-    PtySession._take_output, TerminalSocket.write_message = take_timed, send_timed  # type: ignore[method-assign]
+    PtySession._take_output, TerminalSocket.write_text = take_timed, send_timed  # type: ignore[method-assign]
 
 
 async def measure(backend: str, keystrokes: int, root: Path) -> dict[str, Any]:

@@ -154,6 +154,13 @@ def markdown_echo(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {lv['level']} | {r.get('echo_p50_vs_ttyd')} | {r['echo_p50_vs_terminado']} | "
                      f"{r['echo_p50_vs_raw']} | {r.get('echo_p99_vs_raw')} | {r.get('ttyd_p50_vs_raw')} | "
                      f"{r.get('seq_vs_ttyd')} | {r['seq_vs_terminado']} | {r['seq_vs_raw']} |")
+    lines += ["", "The Python floor (bench/floor_server.py) beside ttyd and the raw PTY:", "",
+              "| open terminals | floor echo p50 ÷ ttyd | ours ÷ floor | floor p99 ÷ raw | ttyd p99 ÷ raw | "
+              "floor seq ÷ ttyd |", "|---:|---:|---:|---:|---:|---:|"]
+    for lv in data["echo"]["levels"]:
+        r = lv["ratios"]
+        lines.append(f"| {lv['level']} | {r.get('floor_p50_vs_ttyd')} | {r.get('echo_p50_vs_floor')} | "
+                     f"{r.get('floor_p99_vs_raw')} | {r.get('ttyd_p99_vs_raw')} | {r.get('floor_seq_vs_ttyd')} |")
     if data["echo"].get("failed_level"):
         f = data["echo"]["failed_level"]
         lines += ["", f"Level {f['level']} **failed**: {f['error']}"]

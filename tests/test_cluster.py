@@ -11,7 +11,7 @@ import time
 import pytest
 
 from threecompute import store_pg
-from threecompute.cluster import LocalCluster
+from threecompute.cluster import KeyedLocks, LocalCluster
 from threecompute.store import SqliteStore
 from threecompute.store_pg import PostgresStore
 
@@ -130,3 +130,27 @@ def test_a_touch_restarts_the_users_clock_everywhere(pair):
         assert not seen.open and before <= seen.changed_at <= time.time()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_keyed_lock_serializes_its_name_and_is_forgotten_once_free():
+    locks, order = KeyedLocks(), []
+
+    async def hold(name: str, tag: str, seconds: float) -> None:
+        async with locks.hold(name):
+            order.append(f"{tag} in")
+            await asyncio.sleep(seconds)
+            order.append(f"{tag} out")
+
+    first = asyncio.ensure_future(hold("user:a", "a1", 0.1))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(hold("user:a", "a2", 0))
+    other = asyncio.ensure_future(hold("user:b", "b", 0))
+    cancelled = asyncio.ensure_future(hold("user:a", "gone", 0))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()  # a waiter that gives up must not keep the name
+    await asyncio.gather(first, waiting, other, cancelled, return_exceptions=True)
+    assert order.index("a1 out") < order.index("a2 in")  # one holder of a name at a time
+    assert order.index("b in") < order.index("a1 out")  # other names do not wait
+    assert "gone in" not in order
+    assert len(locks) == 0  # nothing kept for names nobody holds

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from threecompute.pty.session import FlowLimits, PtyInputOverflow, PtySession
+from threecompute.pty.session import COALESCE_SECONDS, FlowLimits, PtyInputOverflow, PtySession
 
 PROMPT = "PROMPT> "
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color", "LANG": "C.UTF-8",
@@ -146,6 +146,22 @@ async def test_many_small_writes_are_coalesced_into_few_frames():
     assert lines[:-1] == [str(i) for i in range(2000)], f"output: {sink.text[-300:]!r}"
     print(f"2000 lines: {len(sink.frames)} frames, {session.stats.reads} reads")
     assert len(sink.frames) < 200, f"{len(sink.frames)} frames for 2000 lines ({session.stats})"
+    await session.wait_closed()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_output_that_keeps_streaming_is_gathered_over_the_longer_window():
+    # A line every 0.5 ms for 0.6 s: about one frame a millisecond with the 1 ms window alone,
+    # about one per 4 ms once the session sees that the output streams.
+    code = ("import time\nend = time.monotonic() + 0.6\nn = 0\n"
+            "while time.monotonic() < end:\n    print(n, flush=True); n += 1; time.sleep(0.0005)\n")
+    sink = Recorder()
+    session = spawn(python(code), sink)
+    await sink.wait_for(lambda _: sink.exits == 1)
+    lines = sink.text.split("\r\n")[:-1]
+    assert lines == [str(i) for i in range(len(lines))] and len(lines) > 300, f"{len(lines)} lines"
+    print(f"{len(lines)} lines in 0.6 s: {len(sink.frames)} frames")
+    assert len(sink.frames) < 0.6 / (COALESCE_SECONDS * 2), f"{len(sink.frames)} frames ({session.stats})"
     await session.wait_closed()
 
 

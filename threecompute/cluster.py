@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,16 +44,39 @@ class Cluster(Protocol):
         ready here: a reaper elsewhere must restart the user's idle clock)."""
 
 
+class KeyedLocks:
+    """An asyncio lock per name, kept only while someone holds it or waits for it: a lock per
+    user would otherwise stay for every user the server has ever seen."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, holders and waiters)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name) or (asyncio.Lock(), 0)
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class LocalCluster:
     """One server process: nothing to share."""
 
     def __init__(self) -> None:
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.locks = KeyedLocks()
 
-    @contextlib.asynccontextmanager
-    async def lock(self, name: str) -> AsyncIterator[None]:
-        async with self._locks[name]:
-            yield
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.locks.hold(name)
 
     async def hold_lease(self, name: str, seconds: float) -> bool:
         return True

@@ -41,7 +41,6 @@ import shutil
 import socket
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -53,7 +52,7 @@ from docker.models.containers import Container
 from docker.transport.unixconn import UnixHTTPAdapter
 from tornado.ioloop import IOLoop
 
-from threecompute.cluster import Cluster, LocalCluster
+from threecompute.cluster import Cluster, KeyedLocks, LocalCluster
 from threecompute.containers import clean_folder, deployment_id, hostside
 from threecompute.containers.backend import (
     PORTS_PER_USER,
@@ -184,7 +183,7 @@ class DockerBackend(ContainerBackend):
         self._client_lock = threading.Lock()
         self._network_lock = threading.Lock()
         self._network_id: str | None = None
-        self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._user_locks = KeyedLocks()
         self._cap_lock = asyncio.Lock()
         self._starting: set[str] = set()
         self._adopted: set[str] = set()  # containers another replica made (and is starting)
@@ -249,7 +248,7 @@ class DockerBackend(ContainerBackend):
         started = time.monotonic()
         try:
             # One ensure per user at a time, in this process and across replicas.
-            async with self._user_locks[user.user_id], self.cluster.lock(f"user:{user.user_id}"):
+            async with self._user_locks.hold(user.user_id), self.cluster.lock(f"user:{user.user_id}"):
                 box = await self._ensure_locked(user)
                 await self.cluster.touch(user.user_id)  # before a reaper elsewhere may look again
                 self.reaper.touch(user.user_id)
@@ -280,7 +279,7 @@ class DockerBackend(ContainerBackend):
             self._starting.discard(user.user_id)
 
     async def remove_user(self, user: UserRef) -> None:
-        async with self._user_locks[user.user_id], self.cluster.lock(f"user:{user.user_id}"):
+        async with self._user_locks.hold(user.user_id), self.cluster.lock(f"user:{user.user_id}"):
             await self._run(self._remove_user, user.user_id)
 
     def _remove_user(self, client: docker.DockerClient, user_id: str) -> None:
@@ -620,7 +619,7 @@ class DockerBackend(ContainerBackend):
         self.cluster = self.reaper.cluster = cluster
 
     async def reap(self, user_id: str, ref: str) -> bool:
-        async with self._user_locks[user_id], self.cluster.lock(f"user:{user_id}"):
+        async with self._user_locks.hold(user_id), self.cluster.lock(f"user:{user_id}"):
             # Look again under the lock every ensure takes: a terminal may just have been
             # opened on another replica.
             await self.reaper.refresh()

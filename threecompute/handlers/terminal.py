@@ -189,7 +189,7 @@ class TerminalSocket(ClosingWebSocketHandler):
 
     def send_output(self, text: str) -> Awaitable[None] | None:
         try:
-            return self.write_message(output_frame(text))
+            return self.write_text(output_frame(text))
         except tornado.websocket.WebSocketClosedError:
             return None
 

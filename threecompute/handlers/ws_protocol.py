@@ -16,9 +16,14 @@ can read:
 
 Nothing is delivered to the handler once the server has sent its close frame.
 
+`write_text` sends a text frame and returns the stream's own future for it: Tornado's
+`write_message` wraps that future in a coroutine and a task per frame, which a terminal
+streaming output pays for on every frame.
+
 What this relies on in Tornado (pinned in requirements.txt; covered by
 tests/test_ws_close.py): `WebSocketHandler.get_websocket_protocol`; in `WebSocketProtocol13`,
-`params`, `stream`, `server_terminated`/`client_terminated`, `_receive_frame` reading each
+`params`, `stream`, `server_terminated`/`client_terminated`, `_write_frame` returning the
+stream's write future, `_receive_frame` reading each
 frame's header through `_read_bytes` (2 bytes, then 2 or 8 of extended length), the
 fragment state `_fragmented_message_buffer`/`_fragmented_message_opcode`, `_handle_message`,
 and for compressed messages `_frame_compressed`, `_decompressor` and `_DecompressTooLargeError`.
@@ -27,10 +32,12 @@ and for compressed messages `_frame_compressed`, `_decompressor` and `_Decompres
 from __future__ import annotations
 
 import struct
+from asyncio import Future
 
 import tornado.websocket
 from tornado.httputil import HTTPHeaders
-from tornado.websocket import WebSocketProtocol13, _DecompressTooLargeError
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketProtocol13, _DecompressTooLargeError
 
 MESSAGE_TOO_BIG = 1009
 INVALID_PAYLOAD = 1007
@@ -65,6 +72,20 @@ class ClosingProtocol(WebSocketProtocol13):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._header: bytes | None = None  # the current frame's first bytes, until its length is known
+
+    def write_text(self, text: str) -> Future[None]:
+        """One text frame; the future is the stream's (it fails with StreamClosedError if the
+        connection drops before the frame is written). Raises WebSocketClosedError once closing."""
+        if self.is_closing():
+            raise WebSocketClosedError()
+        if self._compressor is not None:  # never negotiated here; kept correct if it ever is
+            return self.write_message(text)
+        payload = text.encode("utf-8")
+        self._message_bytes_out += len(payload)
+        try:
+            return self._write_frame(True, TEXT, payload)
+        except StreamClosedError as exc:
+            raise WebSocketClosedError() from exc
 
     async def _receive_frame(self) -> None:
         self._header = b""
@@ -136,6 +157,16 @@ class ClosingWebSocketHandler(tornado.websocket.WebSocketHandler):
         for headers in (self.request.headers, self._headers):
             HTTPHeaders.__init__(headers)
         self.request.__dict__.pop("_cookies", None)
+
+    def write_text(self, text: str) -> Future[None]:
+        """`write_message` for a text frame, without Tornado's task per frame (see the module's
+        docstring). Raises WebSocketClosedError if the socket is closed or closing."""
+        connection = self.ws_connection
+        if not isinstance(connection, ClosingProtocol):
+            if connection is None:
+                raise WebSocketClosedError()
+            return self.write_message(text)
+        return connection.write_text(text)
 
     def get_websocket_protocol(self) -> WebSocketProtocol13 | None:
         stock = super().get_websocket_protocol()

@@ -52,6 +52,11 @@ MAX_FRAME_BYTES = 64 * 1024
 # shorter than this window still costs a whole millisecond (epoll waits in milliseconds),
 # which measured as 60% of a keystroke's round trip when echoes came back to back.
 COALESCE_SECONDS = 0.001
+# While output streams (the last frame was gathered by the timer, not sent at once) the
+# window is this many times longer: a program printing without pause gets a third of the
+# frames, each costing the server about the same whatever its size, and a 4 ms wait is not
+# seen between screen refreshes.
+STREAMING_WINDOW_FACTOR = 4
 MAX_INPUT_BYTES = 1024 * 1024
 # How long a child that closed its side of the PTY gets to exit before we signal it.
 EXIT_GRACE = 0.2
@@ -161,6 +166,7 @@ class PtySession:
         self._on_exit = on_exit
         self._limits = limits or FlowLimits()
         self._coalesce = coalesce_seconds
+        self._window = coalesce_seconds  # the current one: longer while output streams
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending: list[str] = []
         self._pending_bytes = 0
@@ -318,13 +324,20 @@ class PtySession:
     def _schedule_flush(self) -> None:
         if self._flush_timer is not None or not self._pending:
             return
-        delay = self._last_flush + self._coalesce - self._loop.time()
+        delay = self._last_flush + self._window - self._loop.time()
         if delay <= 0 or self._typed_since_flush:
             # A quiet spell ended, or this answers a keystroke, and _read has drained the PTY:
             # waiting gathers nothing.
+            self._window = self._coalesce
             self._flush()
             return
-        self._flush_timer = self._loop.call_later(delay, self._flush)
+        self._flush_timer = self._loop.call_later(delay, self._flush_streaming)
+
+    def _flush_streaming(self) -> None:
+        """The window's timer: output kept coming, so the next window is the streaming one."""
+        self._flush_timer = None
+        self._window = self._coalesce * STREAMING_WINDOW_FACTOR
+        self._flush()
 
     def _cancel_flush(self) -> None:
         if self._flush_timer is not None:
