@@ -82,7 +82,8 @@ class Relay(asyncio.Protocol):
         self.buffer += data
         if self.proc is None:
             self.handshake()
-            return
+            if self.proc is None:
+                return
         while (message := next_frame(self.buffer)) is not None:
             self.on_frame(*message)
 
