@@ -3,7 +3,7 @@ at 1/50/200 terminals.
 
     python -m bench.echo [--backend docker|local] [--levels 1,50,200] [--keystrokes 400] [--seq-reps 5]
 
-Three clients type into tmux sessions of the same container through the same
+Five clients type into tmux sessions of the same container through the same
 `docker exec -it ... tmux new-session -A` command (the backend's own `attach_command`):
 our server (WebSocket → PTY → docker exec → tmux), ttyd (C, libwebsockets; found through
 TTYD=path, default ../shared/peers/ttyd, skipped with a message when missing), the Python
