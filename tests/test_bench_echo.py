@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+import websocket
 
 from bench.common import AttachSpec, FloorTerminal, running_spec_server
 from bench.echo import turn_order
@@ -27,12 +28,9 @@ def test_every_client_goes_first_in_turn():
 
 # -- the Python floor (bench/floor_server.py), a real relay of a real PTY -------------------
 
-def masked(opcode: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    """A client frame: masked, as RFC 6455 requires of clients."""
-    n = len(payload)
-    length = bytes([0x80 | n]) if n < 126 else (bytes([0xFE]) + n.to_bytes(2, "big") if n < 65536
-                                               else bytes([0xFF]) + n.to_bytes(8, "big"))
-    return bytes([0x80 | opcode]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+def masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame: masked, as RFC 6455 requires of clients (websocket-client's encoder)."""
+    return websocket.ABNF.create_frame(payload, opcode).format()
 
 
 @pytest.mark.parametrize("size", [0, 5, 125, 126, 200, 70_000])

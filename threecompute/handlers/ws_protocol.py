@@ -78,8 +78,8 @@ class ClosingProtocol(WebSocketProtocol13):
         connection drops before the frame is written). Raises WebSocketClosedError once closing."""
         if self.is_closing():
             raise WebSocketClosedError()
-        if self._compressor is not None:  # never negotiated here; kept correct if it ever is
-            return self.write_message(text)
+        # Uncompressed even if permessage-deflate were negotiated: RFC 7692 lets each message
+        # say (RSV1) whether it is compressed.
         payload = text.encode("utf-8")
         self._message_bytes_out += len(payload)
         try:
@@ -162,10 +162,8 @@ class ClosingWebSocketHandler(tornado.websocket.WebSocketHandler):
         """`write_message` for a text frame, without Tornado's task per frame (see the module's
         docstring). Raises WebSocketClosedError if the socket is closed or closing."""
         connection = self.ws_connection
-        if not isinstance(connection, ClosingProtocol):
-            if connection is None:
-                raise WebSocketClosedError()
-            return self.write_message(text)
+        if not isinstance(connection, ClosingProtocol):  # None: closed (the only other protocol)
+            raise WebSocketClosedError()
         return connection.write_text(text)
 
     def get_websocket_protocol(self) -> WebSocketProtocol13 | None:
