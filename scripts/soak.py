@@ -11,7 +11,10 @@ of `--identities` accounts in turn), keeps `--tabs` terminals busy like the load
 large `seq` output; scripts/loadtest.py's TabWorker), polls `/list-files` every 300 ms,
 writes files and uploads now and then, leaves after a while and comes back. A terminal
 that is cut is reopened a second later, as the frontend does. A bystander user types a
-key every 100 ms in a tab of its own, each timed until its echo, from a process of its own.
+key every 100 ms in a tab of its own, each timed until its echo, from a process of its own;
+with the Docker backend it also types, in turn, into a second tab attached by the server's
+own `docker exec` command run under a PTY of its own, without the server: the echo the
+machine gives under the same load, the floor for the first figure.
 The simulated users stand for other machines' browsers, so they run at a lower priority
 (`--load-nice`, default 10) than the server, its engine and the bystander, which yields them
 the CPU when they need it, as they would have it with the clients elsewhere.
@@ -52,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,11 @@ from loadtest import Plan, Recorder, TabWorker, pyplot  # noqa: E402
 from bench.common import (  # noqa: E402
     HttpConnection,
     OurTerminal,
+    RawTerminal,
     ServerProcess,
+    TermClient,
+    attach_spec,
+    container_of,
     dev_login,
     echo_once,
     free_port,
@@ -98,42 +105,70 @@ HTTP_TIMEOUT = 15.0
 DOCKERD_DOWN_SECONDS = 20.0
 SETTLE_AFTER_FAULT = 10.0  # seconds after a fault's end still counted inside its window
 BYSTANDER_EVERY = 0.1  # seconds between the bystander's keystrokes
+REF = "@container@"  # in the raw tab's argv, where the bystander's container id goes
 
 
 # -- the bystander, in a process of its own --------------------------------------------------
 
 
-def bystander_process(ws_url: str, cookie: str, started: float, stop: Any, out: Any) -> None:
+def bystander_process(ws_url: str, cookie: str, raw: RawAttach | None, started: float, stop: Any, out: Any) -> None:
     """A key every BYSTANDER_EVERY seconds in a tab of its own, each timed until its echo, sent
     to `out` as ("echo", t, seconds), ("timeout", t) or ("reconnect", t), t on the soak's clock.
+    With `raw`, the same bystander also types into the server's own attach command run here
+    under a PTY, without the server ("raw_echo", ...): the machine's floor under the same load.
 
     A process of its own at normal priority, as a student's browser is a machine of its own:
     the load's event loop and its lowered priority never sit in the bystander's figures."""
     normal_priority()
-    asyncio.run(_bystander(ws_url, cookie, lambda: time.monotonic() - started, stop, out))
+    now = lambda: time.monotonic() - started  # noqa: E731
+    loops = [_bystander(lambda: OurTerminal.open(ws_url, cookie, "B", 60), "", now, stop, out)]
+    if raw is not None:
+        loops.append(_bystander(raw.open, "raw_", now, stop, out, offset=BYSTANDER_EVERY / 2))
+
+    async def both() -> None:
+        await asyncio.gather(*loops)
+    asyncio.run(both())
 
 
-async def _bystander(ws_url: str, cookie: str, now: Any, stop: Any, out: Any) -> None:
-    rng = random.Random("bystander")
+@dataclass
+class RawAttach:
+    """The server's attach command for the bystander's raw tab, its container id left as REF."""
+
+    argv: list[str]
+    env: dict[str, str]
+    deployment: str
+    email: str
+
+    async def open(self) -> RawTerminal:
+        ref = await asyncio.to_thread(container_of, self.deployment, self.email)
+        if ref is None:
+            raise RuntimeError("the bystander has no container yet")
+        return RawTerminal([ref if arg == REF else arg for arg in self.argv], self.env)
+
+
+async def _bystander(open_terminal: Callable[[], Awaitable[TermClient]], kind: str, now: Any, stop: Any,
+                     out: Any, offset: float = 0.0) -> None:
+    rng = random.Random(f"bystander {kind}")
+    await asyncio.sleep(offset)
     while not stop.is_set():
         term = None
         try:
-            term = await OurTerminal.open(ws_url, cookie, "B", 60)
+            term = await open_terminal()
             await wait_first_output(term, 60)
             await term.settle(0.5)
             typed = 0
             while not stop.is_set() and not term.closed:
                 try:
-                    out.send(("echo", now(), await echo_once(term, rng.choice(string.ascii_lowercase), 5.0)))
+                    out.send((f"{kind}echo", now(), await echo_once(term, rng.choice(string.ascii_lowercase), 5.0)))
                 except TimeoutError:
-                    out.send(("timeout", now()))
+                    out.send((f"{kind}timeout", now()))
                 typed += 1
                 if typed % 40 == 0:
                     await term.send("\x15")  # clear the line
                     await term.settle(0.2, 2.0)
                 await asyncio.sleep(BYSTANDER_EVERY)
         except Exception:  # a cut terminal, the server restarting: come back as the frontend does
-            out.send(("reconnect", now()))
+            out.send((f"{kind}reconnect", now()))
         finally:
             if term is not None:
                 term.close()
@@ -151,6 +186,7 @@ class SoakRecorder(Recorder):
         self.error_times: list[tuple[float, str]] = []
         self.bystander: list[tuple[float, float]] = []
         self.bystander_timeouts: list[float] = []
+        self.bystander_raw: list[tuple[float, float]] = []  # the same keys without the server
         self.samples: list[dict[str, float]] = []
         self.faults: list[dict[str, Any]] = []
 
@@ -384,7 +420,7 @@ class Soak:
         received, sending = context.Pipe(duplex=False)
         stop = context.Event()
         child = context.Process(target=bystander_process, daemon=True,
-                                args=(self.server.ws_url, cookie, self.rec.started, stop, sending))
+                                args=(self.server.ws_url, cookie, self.raw_attach(), self.rec.started, stop, sending))
         child.start()
         sending.close()
         loop = asyncio.get_running_loop()
@@ -408,14 +444,23 @@ class Soak:
             loop.remove_reader(received.fileno())
             received.close()
 
+    def raw_attach(self) -> RawAttach | None:
+        if self.server.backend != "docker":
+            return None
+        email = "bystander@example.com"
+        spec = attach_spec(self.server, email, "R", ref=REF)
+        return RawAttach(spec.argv, spec.env, self.server.deployment, email)
+
     def record_bystander(self, event: tuple) -> None:
         kind, at, *rtt = event
         if kind == "echo":
             self.rec.bystander.append((at, rtt[0]))
+        elif kind == "raw_echo":
+            self.rec.bystander_raw.append((at, rtt[0]))
         elif kind == "timeout":
             self.rec.bystander_timeouts.append(at)
-        else:
-            self.rec.error("bystander_reconnect")
+        else:  # a reconnect, or a timeout of the raw tab
+            self.rec.error(f"bystander_{kind}")
 
     def measure(self) -> dict[str, float] | None:
         try:
@@ -680,6 +725,7 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
     windows = [(f["start"], f["end"]) for f in rec.faults]
     outside = [v for t, v in rec.bystander if not in_windows(t, windows)]
     inside = [v for t, v in rec.bystander if in_windows(t, windows)]
+    raw_outside = [v for t, v in rec.bystander_raw if not in_windows(t, windows)]
     errors_outside = Counter(k for t, k in rec.error_times if not in_windows(t, windows))
     leaks = {
         "pty_children": end.get("children", -1) - baseline.get("children", 0),
@@ -714,6 +760,9 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
         "baseline": baseline, "end": end,
         "bystander_echo_ms": {"outside_faults": summarize(outside), "inside_faults": summarize(inside),
                               "timeouts": len(rec.bystander_timeouts)},
+        # The same keys typed into the same attach command without the server: what the
+        # machine alone gives under this load, the floor for the figures above.
+        "bystander_raw_echo_ms": {"outside_faults": summarize(raw_outside)},
         "echo_ms": summarize([v for _, v in rec.echo]),
         "attach_ms": summarize(rec.attach, digits=1),
         "cpu": cpu_shares(rec.samples, windows),
@@ -721,6 +770,7 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
         "errors_outside_faults": dict(errors_outside),
         "samples": rec.samples,
         "bystander_samples": [(round(t, 2), round(v * 1000, 2)) for t, v in rec.bystander],
+        "bystander_raw_samples": [(round(t, 2), round(v * 1000, 2)) for t, v in rec.bystander_raw],
     }
 
 
@@ -730,9 +780,10 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     if plt is None:
         return False
     fig, (echo, mem, terms) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
-    points = report["bystander_samples"]
-    if points:
-        echo.scatter([t for t, _ in points], [v for _, v in points], s=2, label="bystander echo")
+    for key, label in (("bystander_samples", "bystander echo"), ("bystander_raw_samples", "same, without the server")):
+        points = report[key]
+        if points:
+            echo.scatter([t for t, _ in points], [v for _, v in points], s=2, label=label)
     limit = report["config"]["echo_limit_ms"]
     echo.axhline(limit, color="red", linestyle=":", label=f"{limit:g} ms")
     echo.set_yscale("log")
@@ -879,12 +930,13 @@ def run(args: argparse.Namespace) -> int:
         if write_chart(report, chart):
             report["chart"] = str(chart)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    by = report["bystander_echo_ms"]["outside_faults"]
+    by, raw = report["bystander_echo_ms"]["outside_faults"], report["bystander_raw_echo_ms"]["outside_faults"]
     print(f"soak: {'PASSED' if report['passed'] else 'FAILED'} {report['checks']}\n"
           f"  {report['wall_seconds']} s, faults {[f['kind'] for f in report['faults']]}, counts {report['counts']}\n"
           f"  files {({k: v for k, v in report['files'].items() if k not in ('lost', 'temp_files')})}, "
           f"lost {len(report['files']['lost'])}, leaks {report['leaks']}, memory {report['memory']}\n"
-          f"  bystander echo outside faults: n={by.get('n')} p50 {by.get('p50')} p99 {by.get('p99')} ms\n"
+          f"  bystander echo outside faults: n={by.get('n')} p50 {by.get('p50')} p99 {by.get('p99')} ms "
+          f"(without the server: n={raw.get('n')} p50 {raw.get('p50')} p99 {raw.get('p99')} ms)\n"
           f"  cpu while terminals were open: {report['cpu']}\n"
           f"wrote {args.out}" + (f" and {chart}" if report.get("chart") else ""))
     return 0 if report["passed"] else 1

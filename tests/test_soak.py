@@ -1,5 +1,6 @@
 """The soak script, short: about 60 s of a few users against the Docker backend with one
-fault of each kind, and its books (nothing lost, nothing leaked, the bystander's echo).
+fault of each kind, and its books (nothing lost, nothing leaked, the bystander's echo, with
+and without the server).
 
 The `dockerd` fault stops the engine, and with it every container on it, so it only runs
 where the engine is this test run's alone: SOAK_STOP_DOCKERD=1 (CI sets it)."""
@@ -44,6 +45,7 @@ def test_a_short_soak_with_every_fault_loses_and_leaks_nothing(tmp_path):
     assert report["files"].get("refused_507", 0) >= 1  # the disk fault really refused writes
     assert report["counts"]["keystrokes"] > 100 and report["counts"]["sessions"] > 6
     assert report["bystander_echo_ms"]["outside_faults"]["n"] >= 20
+    assert report["bystander_raw_echo_ms"]["outside_faults"]["n"] >= 20  # the same keys, without the server
     assert report["cpu"]["server_cores"]["mean"] > 0 and report["cpu"]["machine_busy_percent"]["mean"] > 0
     if importlib.util.find_spec("matplotlib") is not None:  # requirements-bench.txt
         assert out.with_suffix(".png").stat().st_size > 0
