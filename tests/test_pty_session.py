@@ -8,6 +8,7 @@ import contextlib
 import gc
 import hashlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +16,13 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from threecompute.pty.session import COALESCE_SECONDS, FlowLimits, PtyInputOverflow, PtySession
+from threecompute.pty.session import (
+    CHILD_DEFAULT_SIGNALS,
+    COALESCE_SECONDS,
+    FlowLimits,
+    PtyInputOverflow,
+    PtySession,
+)
 
 PROMPT = "PROMPT> "
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color", "LANG": "C.UTF-8",
@@ -370,6 +377,25 @@ async def test_program_ending_by_itself_calls_on_exit_once():
     assert session.exit_status == 3
     assert_reaped(session.pid)
     session.write("ignored after exit")  # no error
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_the_child_leads_a_session_on_its_pty_in_its_folder_and_the_server_never_forks(tmp_path, monkeypatch):
+    def no_fork(*args: object) -> None:
+        raise AssertionError("the server forked: a copy of its whole memory for each terminal")
+    monkeypatch.setattr(os, "fork", no_fork)
+    monkeypatch.setattr(os, "forkpty", no_fork)
+    check = ("import os; os.close(os.open('/dev/tty', os.O_RDWR)); "  # fails without a controlling terminal
+             "print('leader', os.getsid(0) == os.getpid(), os.tcgetpgrp(0) == os.getpgrp(), os.getcwd())")
+    sink = Recorder()
+    session = spawn(["sh", "-c", f'grep SigIgn /proc/$$/status; exec {sys.executable} -c "{check}"'], sink,
+                    cwd=str(tmp_path))
+    text = await sink.wait_for(lambda t: sink.exits == 1)
+    ignored = int(text.split("SigIgn:")[1].split()[0], 16)
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # in the server: Python ignores it
+    assert [sig for sig in CHILD_DEFAULT_SIGNALS if ignored & 1 << (sig - 1)] == []  # in the child: nothing
+    assert f"leader True True {tmp_path}" in text
+    await session.wait_closed()
 
 
 @pytest.mark.gen_test(timeout=10)

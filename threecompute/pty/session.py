@@ -1,7 +1,8 @@
 """One pseudo-terminal: a child process under a PTY, its output streamed on the IOLoop.
 
-`PtySession` spawns an argv (for us `docker exec -it ... tmux new-session -A`) with
-ptyprocess and hands the PTY's master descriptor to Tornado's IOLoop: no thread per
+`PtySession` spawns an argv (for us `docker exec -it ... tmux new-session -A`) under a PTY
+(`spawn_pty`: posix_spawn, no fork of the server; a ptyprocess `PtyProcess` as the child's
+handle) and hands the PTY's master descriptor to Tornado's IOLoop: no thread per
 terminal, no polling. Output is decoded as UTF-8 incrementally (a character split between
 two reads arrives whole), coalesced into frames (tmux writes in many tiny chunks) and
 passed to a sink given by the transport, `send(text) -> Awaitable | None`.
@@ -21,11 +22,14 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import functools
 import inspect
 import io
 import logging
 import os
+import shutil
 import signal
+import termios
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,30 +97,49 @@ class PtyStats:
     first_output_at: float | None = None
 
 
-def _child_setup(cwd: str | None) -> None:
-    """Runs in the forked child before exec.
+# Python ignores SIGPIPE (and the server may ignore or handle others); ignored signals
+# survive exec, so without this `yes | head` inside the terminal would print EPIPE errors.
+CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                         signal.SIGCHLD, signal.SIGXFSZ)
 
-    Python ignores SIGPIPE (and the server may ignore others); ignored signals survive exec,
-    so without this `yes | head` inside the terminal would print EPIPE errors. chdir is done
-    here rather than by ptyprocess because its own chdir failure escapes as an exception in
-    the forked copy of the server; preexec_fn errors are reported back to the parent.
+
+def spawn_pty(argv: Sequence[str], env: dict[str, str] | None, cwd: str | None, rows: int, cols: int) -> _Pty:
+    """Start `argv` on a new PTY as ptyprocess would (a session of its own, the PTY its
+    controlling terminal, default signals), without forking the server.
+
+    A fork copies the server's page tables, then turns each page the server writes into a
+    copy-on-write fault until the child has exec'd: under load, 10-30 ms of the IOLoop for
+    every terminal opened. posix_spawn (a vfork underneath) costs the same whatever the
+    server's size; util-linux's `setsid --ctty` and coreutils' `env --chdir` then do in the
+    child what ptyprocess did between its fork and exec.
     """
-    for sig in (signal.SIGPIPE, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
-                signal.SIGCHLD, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    if cwd is not None:
-        os.chdir(cwd)
+    env = dict(os.environ if env is None else env)
+    if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+        raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
+    command = [_helper("setsid"), "--ctty", *([_helper("env"), "--chdir", cwd] if cwd else []), *argv]
+    master, slave = os.openpty()  # neither is inherited: only the copies made below are
+    try:
+        termios.tcsetwinsize(master, (rows, cols))
+        pid = os.posix_spawn(command[0], command, env, setsigdef=CHILD_DEFAULT_SIGNALS, setsigmask=(),
+                             file_actions=[(os.POSIX_SPAWN_DUP2, slave, fd) for fd in (0, 1, 2)])
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return _Pty(pid, master)
+
+
+@functools.cache
+def _helper(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise FileNotFoundError(errno.ENOENT, f"{name} (util-linux, coreutils) is needed to start terminals", name)
+    return path
 
 
 class _Pty(PtyProcess):
-    """PtyProcess that can clean up after a spawn whose exec (or preexec_fn) failed.
-
-    `spawn` raises after building the instance, which would otherwise be left to `__del__`
-    (a blocking close, whenever the traceback is freed) with a zombie until then.
-    """
-
-    _last: _Pty | None = None
+    """A PtyProcess around a child that `spawn_pty` started."""
 
     def __init__(self, pid: int, fd: int) -> None:
         # PtyProcess.__init__ (ptyprocess 0.7.0) wraps the fd in a BufferedRWPair: two 8 KiB
@@ -128,27 +151,6 @@ class _Pty(PtyProcess):
         self.terminated = self.closed = self.flag_eof = False
         self.exitstatus = self.signalstatus = self.status = None
         self.delayafterclose = self.delayafterterminate = 0.1
-        _Pty._last = self
-
-    @classmethod
-    def start(cls, argv: list[str], **kwargs: Any) -> _Pty:
-        cls._last = None
-        try:
-            return cls.spawn(argv, **kwargs)
-        except BaseException:
-            failed, cls._last = cls._last, None
-            if failed is not None:
-                failed.fileobj.close()
-                failed.closed = True
-                # Usually the child reported an exec error and is exiting already; SIGKILL
-                # covers the rest, so this wait is immediate either way.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(failed.pid, signal.SIGKILL)
-                os.waitpid(failed.pid, 0)
-                failed.terminated = True
-            raise
-        finally:
-            cls._last = None
 
 
 class PtySession:
@@ -188,10 +190,8 @@ class PtySession:
         self.stats = PtyStats()
         if cwd is not None and not os.path.isdir(cwd):
             raise FileNotFoundError(errno.ENOENT, "no such folder", cwd)
-        self._proc = _Pty.start(list(argv), env=env, dimensions=(rows, cols),
-                                preexec_fn=partial(_child_setup, cwd))
+        self._proc = spawn_pty(argv, env, cwd, rows, cols)
         self._fd: int = self._proc.fd
-        self._proc.env = None  # its own copy of the whole environment, never read again
         os.set_blocking(self._fd, False)
         self._events = IOLoop.READ
         self._loop.add_handler(self._fd, self._on_events, IOLoop.READ)
@@ -496,7 +496,7 @@ class PtySession:
         return True
 
     def _signal(self, sig: int) -> None:
-        # The child leads its own session and process group (setsid in pty.fork); signal the
+        # The child leads its own session and process group (setsid --ctty); signal the
         # group so helpers it started go too. The pid cannot be reused: it is not reaped yet.
         try:
             os.killpg(self.pid, sig)
