@@ -113,14 +113,14 @@ def spawn_pty(argv: Sequence[str], env: dict[str, str] | None, cwd: str | None, 
     server's size; util-linux's `setsid --ctty` and coreutils' `env --chdir` then do in the
     child what ptyprocess did between its fork and exec.
     """
-    env = dict(os.environ if env is None else env)
-    if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+    environ = os.environ if env is None else env
+    if shutil.which(argv[0], path=environ.get("PATH", os.defpath)) is None:
         raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
     command = [_helper("setsid"), "--ctty", *([_helper("env"), "--chdir", cwd] if cwd else []), *argv]
     master, slave = os.openpty()  # neither is inherited: only the copies made below are
     try:
         termios.tcsetwinsize(master, (rows, cols))
-        pid = os.posix_spawn(command[0], command, env, setsigdef=CHILD_DEFAULT_SIGNALS, setsigmask=(),
+        pid = os.posix_spawn(command[0], command, environ, setsigdef=CHILD_DEFAULT_SIGNALS, setsigmask=(),
                              file_actions=[(os.POSIX_SPAWN_DUP2, slave, fd) for fd in (0, 1, 2)])
     except BaseException:
         os.close(master)
