@@ -17,7 +17,7 @@ import threading
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
-from threecompute import logs, memory
+from threecompute import logs, memory, scheduling
 from threecompute.app import make_app, make_http_server
 from threecompute.handlers.terminal import close_all_sockets
 from threecompute.services import Services, build_services
@@ -42,6 +42,7 @@ async def serve(settings: Settings) -> None:
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     log.info("3compute listening on http://%s:%d (backend %s%s)", settings.host, settings.port,
              services.backend.name, ", dev mode" if settings.dev else "")
+    log.info("%s", scheduling.claim_cpu_share(settings.server_nice))
     freeze_startup_objects()
 
     stopping = asyncio.Event()

@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
 
 from threecompute.containers import deployment_id  # noqa: E402
 from threecompute.handlers.auth import dev_user_id  # noqa: E402
+from threecompute.settings import Settings  # noqa: E402
 
 COOKIE = "3compute_session"
 PORT_LOW, PORT_HIGH = 20000, 40000
@@ -67,6 +68,39 @@ def normal_priority() -> None:
     of 0 even when the harness lowered its own (the soak's load stands for other machines)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
+# Every server measured here starts as a service manager starts one: in a session of its own
+# (start_new_session), so it shares no scheduling group with the harness or the load. Ours then
+# sets its group's nice itself (SERVER_NICE); a peer is given the same one (`as_a_peer_service`).
+PEER_NICE = Settings().server_nice
+
+
+@contextlib.contextmanager
+def session_group_at(nice: int) -> Iterator[None]:
+    """This process's session group at `nice` for a while, then as it was: how a load that
+    stands for other machines yields the CPU (Linux shares it between sessions first, so a
+    process's own nice value ranks it only within its session)."""
+    group = Path("/proc/self/autogroup")
+    try:
+        before = int(group.read_text().split("nice")[1])
+        group.write_text(f"{nice}\n")
+    except (OSError, IndexError, ValueError):  # no autogroup, or no right to change it
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            with contextlib.suppress(OSError):
+                group.write_text(f"{before}\n")
+
+
+def as_a_peer_service() -> None:
+    """preexec_fn (after setsid) of a peer server: normal priority, and the session group's
+    nice value that ours gives itself, so both compete for the CPU on the same terms."""
+    normal_priority()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(f"{PEER_NICE}\n")
 
 
 def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
@@ -359,7 +393,7 @@ class ServerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, cwd=self.root, env=self.environment(extra_env or {}),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=normal_priority)
+                                         preexec_fn=normal_priority, start_new_session=True)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -848,7 +882,7 @@ def running_spec_server(module: str, client: type[WebSocketTerminal], root: Path
     spec_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--spec-dir", str(spec_dir)],
-                            cwd=ROOT, stdin=subprocess.DEVNULL)
+                            cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=as_a_peer_service)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while port_is_free(port, "127.0.0.1"):
@@ -946,7 +980,8 @@ def running_ttyd(binary: Path, spec: AttachSpec) -> Iterator[TtydProcess]:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     with (RESULTS_DIR / "ttyd.log").open("wb") as log:  # its own account of a closed socket
         proc = subprocess.Popen(argv, env=spec.env, cwd=spec.cwd or ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=as_a_peer_service)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while port_is_free(port, "127.0.0.1"):

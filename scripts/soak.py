@@ -17,7 +17,11 @@ own `docker exec` command run under a PTY of its own, without the server: the ec
 machine gives under the same load, the floor for the first figure.
 The simulated users stand for other machines' browsers, so they run at a lower priority
 (`--load-nice`, default 10) than the server, its engine and the bystander, which yields them
-the CPU when they need it, as they would have it with the clients elsewhere.
+the CPU when they need it, as they would have it with the clients elsewhere. The server and
+the bystander each run in a session of their own, as a service and another machine would:
+Linux shares the CPU between sessions first (autogroup), so the load's lower priority is
+given to the soak's session group for the run (and restored after), and the server's
+SERVER_NICE applies to its own group alone.
 
 Faults on a schedule (`--faults`, each kind once in a short run, the cheap ones repeated in
 a long one): `exec` kill -9 of random `docker exec` children of the server, `container`
@@ -89,6 +93,7 @@ from bench.common import (  # noqa: E402
     remove_tmux_sockets,
     remove_tree,
     request_head,
+    session_group_at,
     sigterm_as_interrupt,
     summarize,
     wait_first_output,
@@ -117,8 +122,10 @@ def bystander_process(ws_url: str, cookie: str, raw: RawAttach | None, started: 
     With `raw`, the same bystander also types into the server's own attach command run here
     under a PTY, without the server ("raw_echo", ...): the machine's floor under the same load.
 
-    A process of its own at normal priority, as a student's browser is a machine of its own:
-    the load's event loop and its lowered priority never sit in the bystander's figures."""
+    A process of its own at normal priority, in a session of its own (the kernel's scheduling
+    group), as a student's browser is a machine of its own: the load's event loop and its CPU
+    time never sit in the bystander's figures."""
+    os.setsid()
     normal_priority()
     now = lambda: time.monotonic() - started  # noqa: E731
     loops = [_bystander(lambda: OurTerminal.open(ws_url, cookie, "B", 60), "", now, stop, out)]
@@ -923,7 +930,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     log_copy = args.out.with_name(args.out.stem + "-server.log")
     with soak_server(args.spawn, args.users * args.identities + 10, args.disk_mb, log_copy) as server:
-        report = asyncio.run(drive(args, server))
+        with session_group_at(args.load_nice):  # the server and bystander lead sessions of their own
+            report = asyncio.run(drive(args, server))
         # Written before the clean-up, which can take minutes on a busy engine.
         args.out.parent.mkdir(parents=True, exist_ok=True)
         chart = args.out.with_suffix(".png")

@@ -32,6 +32,7 @@ def test_defaults(tmp_path):
     assert settings.data_dir == Path("data").absolute()
     assert settings.deploy_command == "/opt/deploy.sh"
     assert settings.spare_attach_seconds == 60.0
+    assert settings.server_nice == -10
 
 
 def test_spare_attachments_can_be_turned_off_but_not_made_negative(tmp_path):
@@ -74,6 +75,8 @@ def test_production_picks_the_prod_origin(tmp_path):
     ([], {"FLASK_SECRET": LONG_SECRET, "CONTAINER_CPUS": "nan"}, "CONTAINER_CPUS"),
     ([], {"FLASK_SECRET": LONG_SECRET, "CONTAINER_MEMORY": "lots"}, "CONTAINER_MEMORY"),
     ([], {"FLASK_SECRET": LONG_SECRET, "IDLE_TIMEOUT_SECONDS": "-3"}, "IDLE_TIMEOUT_SECONDS"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "SERVER_NICE": "-21"}, "SERVER_NICE must be at least -20"),
+    ([], {"FLASK_SECRET": LONG_SECRET, "SERVER_NICE": "20"}, "SERVER_NICE must be at most 19"),
     (["--backend", "local"], {"FLASK_SECRET": LONG_SECRET}, "--backend local"),
     ([], {"FLASK_SECRET": LONG_SECRET, "DATABASE_URL": "mysql://db/3compute"}, "DATABASE_URL"),
     (["--backend", "local", "--dev", "--host", "0.0.0.0"], {}, "--backend local"),

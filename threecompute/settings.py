@@ -70,6 +70,7 @@ class Settings:
     # Limits per user (terminals, file API, tab saves) and per client IP (sign-in); None: off.
     max_terminals_per_user: int = 20
     max_terminals: int = 1000
+    server_nice: int = -10
     spare_attach_seconds: float = 60.0  # how long a spare attachment waits for a tab; 0: none
     terminal_open_rate: Rate | None = Rate(5, 60)
     file_rate: Rate | None = Rate(50, 500)
@@ -127,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -137,6 +138,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -288,6 +291,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         database_url=_database_url(env),
         max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 20, minimum=1),
         max_terminals=_int(env, "MAX_TERMINALS", 1000, minimum=1),
+        server_nice=_int(env, "SERVER_NICE", -10, minimum=-20, maximum=19),
         spare_attach_seconds=_float(env, "SPARE_ATTACH_SECONDS", 60.0),
         terminal_open_rate=_rate(env, "TERMINAL_OPEN_RATE_LIMIT", Rate(5, 60)),
         file_rate=_rate(env, "FILE_RATE_LIMIT", Rate(50, 500)),
