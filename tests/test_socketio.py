@@ -268,7 +268,8 @@ async def test_exit_in_the_shell_disconnects_the_client(sio_url, login):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_terminal_that_lost_its_container_says_so_and_the_client_can_come_back(sio_url, login, services):
+async def test_a_terminal_that_lost_its_container_says_so_and_the_client_can_come_back(sio_url, login, services,
+                                                                                       caplog):
     """The attach command killed (as when its engine or node dies): an `error` event that says
     to reconnect, then the connection drops; a new connection gets a working shell."""
     cookie = await login("lost@example.com")
@@ -280,6 +281,7 @@ async def test_a_terminal_that_lost_its_container_says_so_and_the_client_can_com
         os.kill(terminal.session.pid, signal.SIGKILL)
         await until(lambda: term.errors() == [LOST_TERMINAL_MESSAGE], "the lost-terminal error", term)
         await until(lambda: ("disconnect",) in term.events, "the dropped connection", term)
+        assert f"tab 1 of {terminal.user_id}: its program ended with status -9" in caplog.text
     finally:
         await term.close()
     again = Term(sio_url, cookie, tab="1")

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 
 import psutil
 import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
+
+from threecompute.terminal_frames import LOST_TERMINAL_MESSAGE
 
 from .conftest import FRONTEND, Client
 from .terminal_client import TerminalClient
@@ -39,6 +42,19 @@ async def test_typed_input_is_echoed(client):
     await term.send({"type": "pty-input", "input": "echo top-level-$((1+1))\r"})  # fields at the top level
     await term.read_until("top-level-2")
     term.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_terminal_whose_program_fails_says_so_closes_with_1011_and_is_logged(client, services, caplog):
+    term = await TerminalClient.open(await signed_in(client, "lost@example.com"))
+    await term.run("echo up-$((1+1))", "up-2")
+    (terminal,) = services.hub.terminals()
+    os.kill(terminal.session.pid, signal.SIGKILL)  # as when its engine or node dies
+    assert await term.read_error() == LOST_TERMINAL_MESSAGE
+    while await term.read_frame(15) is not None:
+        pass
+    assert term.connection.close_code == 1011
+    assert f"tab 1 of {terminal.user_id}: its program ended with status -9" in caplog.text
 
 
 @pytest.mark.gen_test(timeout=90)

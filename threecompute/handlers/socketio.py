@@ -193,6 +193,8 @@ class SocketIOTerminal:
         if self.terminal is not None:
             await self.terminal.session.wait_closed()
             if lost_its_container(self.terminal):
+                log.warning("tab %s of %s: its program ended with status %s", self.terminal.tab_id,
+                            self.terminal.user_id, self.terminal.session.exit_status)
                 await self._deliver("error", {"message": LOST_TERMINAL_MESSAGE}, wait=False)
                 await self._queue_taken(timeout=CLOSE_GRACE_SECONDS)
                 await self.close_engine()

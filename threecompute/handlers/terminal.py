@@ -158,6 +158,8 @@ class TerminalSocket(ClosingWebSocketHandler):
             if lost_its_container(self.terminal) and self.watcher is not None:
                 self.send_error_frame(f"tab {self.tab_id} is not open")  # a watcher never makes one
             elif lost_its_container(self.terminal):
+                log.warning("tab %s of %s: its program ended with status %s", self.terminal.tab_id,
+                            self.terminal.user_id, self.terminal.session.exit_status)
                 self.send_error_frame(LOST_TERMINAL_MESSAGE)
                 self.close(TERMINAL_UNAVAILABLE, "terminal lost")
                 return
