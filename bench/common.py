@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
 
 from threecompute.containers import deployment_id  # noqa: E402
 from threecompute.handlers.auth import dev_user_id  # noqa: E402
+from threecompute.scheduling import AUTOGROUP, session_group_nice  # noqa: E402
 from threecompute.settings import Settings  # noqa: E402
 
 COOKIE = "3compute_session"
@@ -81,18 +82,17 @@ def session_group_at(nice: int) -> Iterator[None]:
     """This process's session group at `nice` for a while, then as it was: how a load that
     stands for other machines yields the CPU (Linux shares it between sessions first, so a
     process's own nice value ranks it only within its session)."""
-    group = Path("/proc/self/autogroup")
+    before = session_group_nice()
     try:
-        before = int(group.read_text().split("nice")[1])
-        group.write_text(f"{nice}\n")
-    except (OSError, IndexError, ValueError):  # no autogroup, or no right to change it
+        AUTOGROUP.write_text(f"{nice}\n")
+    except OSError:  # no autogroup, or no right to change it
         before = None
     try:
         yield
     finally:
         if before is not None:
             with contextlib.suppress(OSError):
-                group.write_text(f"{before}\n")
+                AUTOGROUP.write_text(f"{before}\n")
 
 
 def as_a_peer_service() -> None:
@@ -100,7 +100,7 @@ def as_a_peer_service() -> None:
     nice value that ours gives itself, so both compete for the CPU on the same terms."""
     normal_priority()
     with contextlib.suppress(OSError):
-        Path("/proc/self/autogroup").write_text(f"{PEER_NICE}\n")
+        AUTOGROUP.write_text(f"{PEER_NICE}\n")
 
 
 def port_is_free(port: int, host: str = "0.0.0.0") -> bool:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,17 +26,13 @@ CLAIM = "import sys; from threecompute import scheduling; print(scheduling.claim
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def group_nice(pid: int | str = "self") -> int:
-    return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
-
-
 def claim_in_child(nice: int, wrapper: tuple[str, ...] = (), **popen) -> tuple[str, int]:
     """claim_cpu_share(nice) in a child that stays alive until its group's nice is read."""
     child = subprocess.Popen([*wrapper, sys.executable, "-c", CLAIM + "; sys.stdout.flush(); sys.stdin.read()",
                               str(nice)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, **popen)
     try:
         said = child.stdout.readline().strip()
-        return said, group_nice(child.pid)
+        return said, scheduling.session_group_nice(child.pid)
     finally:
         child.communicate(timeout=10)
 
@@ -45,15 +40,15 @@ def claim_in_child(nice: int, wrapper: tuple[str, ...] = (), **popen) -> tuple[s
 def test_a_session_leader_gets_its_group_at_the_nice_asked():
     said, nice = claim_in_child(-7, start_new_session=True)
     assert nice == -7 and "at nice -7" in said
-    assert group_nice() != -7  # the test's own session is untouched
+    assert scheduling.session_group_nice() != -7  # the test's own session is untouched
 
 
 def test_a_server_sharing_its_session_leaves_the_group_alone():
-    before = group_nice()
+    before = scheduling.session_group_nice()
     try:
         said, nice = claim_in_child(-7)
     finally:
-        if group_nice() != before:  # the test run's own group: put back
+        if scheduling.session_group_nice() != before:  # the test run's own group: put back
             scheduling.AUTOGROUP.write_text(f"{before}\n")
     assert nice == before
     assert "not changed" in said and "setsid" in said
@@ -79,7 +74,7 @@ def test_the_server_started_as_a_service_sets_its_group_and_logs_it(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_health(port, time.monotonic() + 20)
-        assert group_nice(server.pid) == -4
+        assert scheduling.session_group_nice(server.pid) == -4
         server.terminate()
         output, _ = server.communicate(timeout=20)
     finally:

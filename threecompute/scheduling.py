@@ -39,3 +39,10 @@ def claim_cpu_share(nice: int) -> str:
         return f"scheduling group not changed: {exc.strerror or exc} (SERVER_NICE={nice})"
     return f"scheduling group at nice {nice} (SERVER_NICE)"
 
+
+def session_group_nice(pid: int | str = "self") -> int | None:
+    """The nice value of a process's session group; None where the kernel keeps none."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -9,6 +9,7 @@ message for the client.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 from .pty import PtyInputOverflow, ReadOnlyTerminal, Terminal
@@ -18,10 +19,18 @@ MAX_PENDING_FRAMES = 64  # frames typed before the terminal is attached
 # The attach command failed (its engine, its node or its container gone): both transports say so.
 LOST_TERMINAL_MESSAGE = "the terminal lost its container; reconnect to get a fresh one"
 
+log = logging.getLogger("threecompute.terminal")
+
 
 def lost_its_container(terminal: Terminal) -> bool:
     """Whether the program ended by failing rather than by the user's `exit`."""
     return terminal.session.exit_status not in (0, None)
+
+
+def log_lost_terminal(terminal: Terminal) -> None:
+    """The operator's record of a terminal whose program failed while its client was there."""
+    log.warning("tab %s of %s: its program ended with status %s", terminal.tab_id, terminal.user_id,
+                terminal.session.exit_status)
 
 
 class FrameError(ValueError):

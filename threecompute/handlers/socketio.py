@@ -56,7 +56,14 @@ from ..containers.backend import TAB_ID, BackendError
 from ..identity import COOKIE_NAME, Identity
 from ..pty import Terminal
 from ..services import Services
-from ..terminal_frames import LOST_TERMINAL_MESSAGE, FrameError, InputRouter, lost_its_container, parse_event
+from ..terminal_frames import (
+    LOST_TERMINAL_MESSAGE,
+    FrameError,
+    InputRouter,
+    log_lost_terminal,
+    lost_its_container,
+    parse_event,
+)
 from .base import origin_allowed
 from .terminal import MAX_FRAME_BYTES, wants_files_changed
 from .ws_protocol import ClosingWebSocketHandler
@@ -193,8 +200,7 @@ class SocketIOTerminal:
         if self.terminal is not None:
             await self.terminal.session.wait_closed()
             if lost_its_container(self.terminal):
-                log.warning("tab %s of %s: its program ended with status %s", self.terminal.tab_id,
-                            self.terminal.user_id, self.terminal.session.exit_status)
+                log_lost_terminal(self.terminal)
                 await self._deliver("error", {"message": LOST_TERMINAL_MESSAGE}, wait=False)
                 await self._queue_taken(timeout=CLOSE_GRACE_SECONDS)
                 await self.close_engine()

@@ -21,7 +21,14 @@ from .. import keepalive
 from ..containers.backend import TAB_ID, BackendError, UserRef
 from ..pty import Terminal, TerminalLimit
 from ..services import Services
-from ..terminal_frames import LOST_TERMINAL_MESSAGE, FrameError, InputRouter, lost_its_container, parse_frame
+from ..terminal_frames import (
+    LOST_TERMINAL_MESSAGE,
+    FrameError,
+    InputRouter,
+    log_lost_terminal,
+    lost_its_container,
+    parse_frame,
+)
 from .base import BaseHandler, HTTPError, current_identity, origin_allowed
 from .ws_protocol import ClosingWebSocketHandler
 
@@ -158,8 +165,7 @@ class TerminalSocket(ClosingWebSocketHandler):
             if lost_its_container(self.terminal) and self.watcher is not None:
                 self.send_error_frame(f"tab {self.tab_id} is not open")  # a watcher never makes one
             elif lost_its_container(self.terminal):
-                log.warning("tab %s of %s: its program ended with status %s", self.terminal.tab_id,
-                            self.terminal.user_id, self.terminal.session.exit_status)
+                log_lost_terminal(self.terminal)
                 self.send_error_frame(LOST_TERMINAL_MESSAGE)
                 self.close(TERMINAL_UNAVAILABLE, "terminal lost")
                 return
