@@ -25,6 +25,8 @@ from threecompute.settings import ConfigError, Settings, load_settings
 from threecompute.store import StoreError
 
 log = logging.getLogger("threecompute")
+# Idle users' records are let go 30 to 60 s after their last use; freed memory goes back as often.
+HOUSEKEEPING_SECONDS = 30.0
 
 
 async def serve(settings: Settings) -> None:
@@ -50,10 +52,10 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGUSR1, log_resources, services)
-    trimming = PeriodicCallback(memory.trim, memory.TRIM_EVERY_SECONDS * 1000)
-    trimming.start()
+    housekeeping = PeriodicCallback(lambda: keep_house(services), HOUSEKEEPING_SECONDS * 1000)
+    housekeeping.start()
     await stopping.wait()
-    trimming.stop()
+    housekeeping.stop()
     log.info("shutting down: closing terminals; user containers keep running")
     await shutdown(server, services)
 
@@ -72,6 +74,13 @@ def freeze_startup_objects() -> None:
     made since, and pauses every terminal for that much less."""
     gc.collect()
     gc.freeze()
+
+
+def keep_house(services: Services) -> None:
+    """Every HOUSEKEEPING_SECONDS: forget what people who stopped working left behind, then
+    give the freed memory back to the system."""
+    services.forget_idle()
+    memory.trim()
 
 
 def log_resources(services: Services) -> None:

@@ -34,9 +34,11 @@ At the end, checked: every file write the server acknowledged (200) is on disk w
 content (a write whose answer was lost may or may not have landed; a refused one must not
 have changed anything), no temporary file is left, no PTY child, descriptor or container is
 leaked (counted after a warm-up and at the end, when every user has gone), the server's
-memory is within 10 % of the warm-up figure, and the bystander's echo p99 outside the
-fault windows is under 50 ms (`--echo-limit-ms`). Report: results/soak.json and a PNG with
-the fault windows marked. Exit status 0 only if every check passed.
+memory is back within 10 % of the warm-up figure (waited for up to `--memory-wait` seconds:
+the server lets idle users' records go 30 to 60 s after their last use), and the
+bystander's echo p99 outside the fault windows is under 50 ms (`--echo-limit-ms`). Report:
+results/soak.json and a PNG with the fault windows marked. Exit status 0 only if every
+check passed.
 
 Bounded: at most 200 users, 4 tabs each, two hours; loopback only.
 """
@@ -520,6 +522,20 @@ class Soak:
         await asyncio.sleep(0.5)
         return {**(self.measure() or {}), "descriptor_kinds": self.descriptor_kinds()}
 
+    async def memory_returned(self, baseline: dict, end: dict, within: float) -> dict:
+        """`end`, its memory measured again every 5 s until it is back within the tolerance of
+        the baseline or `within` seconds have passed: the server lets go of idle users' records
+        one to two housekeeping periods (30 s) after their last use."""
+        started, limit = time.monotonic(), baseline.get("rss", 0) * (1 + MEMORY_TOLERANCE)
+        settled = {**end, "rss_when_quiet": end.get("rss", 0)}
+        while settled.get("rss", 0) > limit and time.monotonic() - started < within:
+            await asyncio.sleep(4.5)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.server.pid, signal.SIGUSR1)  # a full collection first, as at the baseline
+            await asyncio.sleep(0.5)
+            settled["rss"] = (self.measure() or settled)["rss"]
+        return settled | {"memory_wait_seconds": round(time.monotonic() - started, 1)}
+
     async def open_terminals(self) -> float:
         try:
             conn = await HttpConnection.open(self.server.port)
@@ -762,7 +778,9 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
         "leaks": leaks,
         "containers": containers,
         "memory": {"baseline_mib": round(baseline.get("rss", 0) / 2**20, 1),
+                   "when_quiet_mib": round(end.get("rss_when_quiet", 0) / 2**20, 1),
                    "end_mib": round(end.get("rss", 0) / 2**20, 1),
+                   "waited_seconds": end.get("memory_wait_seconds"),
                    "ratio": None if memory_ratio is None else round(memory_ratio, 3)},
         "baseline": baseline, "end": end,
         "bystander_echo_ms": {"outside_faults": summarize(outside), "inside_faults": summarize(inside),
@@ -854,7 +872,7 @@ async def drive(args: argparse.Namespace, server: ServerProcess) -> dict[str, An
         task.cancel()
         soak.rec.error("stop_timeout")
     await asyncio.gather(sampler, progress, return_exceptions=True)
-    end = await soak.quiet_point()
+    end = await soak.memory_returned(baseline, await soak.quiet_point(), args.memory_wait)
     files = soak.ledger.verify(server.data_dir / "workspaces")
     files["temp_files"] = temp_files(server.data_dir / "workspaces")
     return build_report(soak, baseline, end, files, container_books(soak, containers_before), soak.rec.now())
@@ -882,6 +900,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tabs", type=int, default=2)
     p.add_argument("--duration", type=float, default=900.0, help="seconds of soak, after the warm-up")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of a few users before the baseline")
+    p.add_argument("--memory-wait", type=float, default=75.0,
+                   help="at most this many seconds, once everyone has gone, for the memory to come back")
     p.add_argument("--ramp", type=float, default=120.0, help="seconds over which the users arrive")
     p.add_argument("--identities", type=int, default=1,
                    help="accounts each user slot signs in as, in turn (more: more containers made)")
@@ -910,8 +930,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--users must be 1..{MAX_USERS}, --tabs 1..{MAX_TABS}, --identities 1..5")
     if not 10 <= args.duration <= MAX_DURATION or not 0 < args.warmup <= 300 or not 0 <= args.ramp <= 600:
         p.error(f"--duration must be 10..{MAX_DURATION} s, --warmup in (0, 300], --ramp in [0, 600]")
-    if not 16 <= args.disk_mb <= 4096 or not 1 <= args.disk_hold <= 300:
-        p.error("--disk-mb must be 16..4096 and --disk-hold 1..300")
+    if not 16 <= args.disk_mb <= 4096 or not 1 <= args.disk_hold <= 300 or not 0 <= args.memory_wait <= 600:
+        p.error("--disk-mb must be 16..4096, --disk-hold 1..300 and --memory-wait 0..600")
     if args.spawn == "local" and ("container" in args.faults or "dockerd" in args.faults):
         p.error("the container and dockerd faults need --spawn docker")
     return args

@@ -132,6 +132,21 @@ def test_the_verified_tokens_kept_are_bounded():
     assert codec.decode(tokens[0]).user_id == "u0", "an evicted token is verified again"
 
 
+def test_a_token_unused_for_a_whole_period_is_forgotten(monkeypatch):
+    codec = TokenCodec(SECRET, lifetime_seconds=3600)
+    working, gone = codec.issue("u1", "u1@example.com"), codec.issue("u2", "u2@example.com")
+    verified: list[str] = []
+    verify = codec._verify
+    monkeypatch.setattr(codec, "_verify", lambda token: verified.append(token) or verify(token))
+    assert codec.decode(working) and codec.decode(gone)
+    for _ in range(3):
+        codec.forget_idle()
+        assert codec.decode(working).user_id == "u1"  # used in every period: kept
+    assert verified == [working, gone]
+    assert codec.decode(gone).user_id == "u2", "forgotten, then verified again"
+    assert verified == [working, gone, gone]
+
+
 @pytest.mark.gen_test
 async def test_logout_clears_the_cookie_and_revokes_the_token(client):
     await client.dev_login("student@example.com")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import urllib.parse
 import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,20 @@ async def test_every_file_endpoint_needs_a_session(client):
         answer = await client.fetch(path, method)
         assert answer.code == 401, (method, path, answer.body)
         assert body_json(answer) == {"error": "unauthenticated"}
+
+
+@pytest.mark.gen_test
+async def test_an_idle_user_is_let_go_and_served_again_as_before(client, services, workspace):
+    await client.dev_login(EMAIL)
+    assert (await client.fetch("/file/kept.txt", "PUT", "x")).code == 200
+    assert body_json(await client.fetch("/list-files"))["files"] == ["kept.txt"]
+    handle = weakref.ref(services.workspaces.loaded(dev_user_id(EMAIL)))
+    services.forget_idle()
+    services.forget_idle()  # a whole period without a request
+    gc.collect()
+    assert handle() is None, "the workspace handle and its cached listing are let go"
+    assert body_json(await client.fetch("/list-files"))["files"] == ["kept.txt"], "the same cookie, the same files"
+    assert services.workspaces.loaded(dev_user_id(EMAIL)) is not None
 
 
 @pytest.mark.gen_test

@@ -242,6 +242,20 @@ def test_a_bucket_refills_and_forgets_idle_keys():
     assert RateLimiter(None).take("x") == 0
 
 
+def test_only_buckets_full_again_are_forgotten():
+    limiter = RateLimiter(Rate(2, 4), max_keys=100)  # full again 2 s after the last take
+    limiter.take("idle", 5.0)
+    assert [limiter.take("drained", 10.0) for _ in range(4)] == [0, 0, 0, 0]
+    assert limiter.worth_reporting("drained", 10.0)
+    limiter.forget_idle(now=10.2)
+    assert limiter.take("drained", 10.2) > 0, "a drained bucket forgotten would let a flood through"
+    assert not limiter.worth_reporting("drained", 10.2), "nor log every refusal"
+    assert list(limiter._buckets) == ["drained"], "idle since 5.0: full, forgotten"
+    limiter.forget_idle(now=30.0)
+    assert not limiter._buckets and not limiter._reported
+    assert [limiter.take("drained", 30.0) for _ in range(4)] == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("value", ["20", "x/10", "0/10", "5/0", "nan/3", "1/2.5"])
 def test_rate_settings_are_validated(value, tmp_path):
     with pytest.raises(ConfigError, match="FILE_RATE_LIMIT"):

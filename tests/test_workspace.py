@@ -3,9 +3,11 @@ creation, media types, the listing cache and ownership, all on real files."""
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -397,6 +399,30 @@ def test_fresh_listing_is_the_cached_one_until_a_change(tmp_path: Path) -> None:
     assert scanned.json == b'{"files": []}'
     write(ws, "new.txt", b"x")
     assert ws.fresh_listing() is None, "a change makes the next poll scan"
+
+
+def test_an_idle_workspace_is_let_go_and_one_in_use_is_found_again(tmp_path: Path) -> None:
+    workspaces = Workspaces(tmp_path / "workspaces", list_ttl=3600)
+    held = workspaces.for_user("busy")
+    write(held, "kept.txt", b"x")
+    temp_file = held.temp_dir / "upload.tmp"
+    temp_file.write_bytes(b"half an upload")
+    idle = weakref.ref(workspaces.for_user("idle"))
+    workspaces.forget_idle()
+    assert workspaces.loaded("idle") is idle(), "used in the period before: still kept"
+    workspaces.forget_idle()
+    workspaces.forget_idle()
+    gc.collect()
+    assert idle() is None and workspaces.loaded("idle") is None, "two periods unused: let go"
+    assert workspaces.for_user("busy") is held, "still referenced: the same one, never a second"
+    assert temp_file.exists(), "an operation's temporary file is left alone"
+    del held
+    workspaces.forget_idle()
+    workspaces.forget_idle()
+    gc.collect()
+    assert workspaces.loaded("busy") is None
+    again = workspaces.for_user("busy")
+    assert again.list_files() == ["kept.txt"], "the files stay; only the server's handle goes"
 
 
 # --- writing ---

@@ -40,7 +40,11 @@ class TokenCodec:
     def __init__(self, secret: str, lifetime_seconds: float) -> None:
         self._secret = secret
         self.lifetime_seconds = lifetime_seconds
-        self._verified: dict[str, Identity] = {}  # only tokens that passed every check
+        # Only tokens that passed every check, in two generations: those used since the last
+        # `forget_idle` and those used in the period before it. A token unused for a whole
+        # period is forgotten, so the cache holds the people working now.
+        self._verified: dict[str, Identity] = {}
+        self._verified_before: dict[str, Identity] = {}
 
     def issue(self, user_id: str, email: str) -> str:
         # To the millisecond: a user's tokens issued before a given moment can be told apart
@@ -59,19 +63,24 @@ class TokenCodec:
         """The identity in a valid token; None for anything expired, forged or malformed."""
         if not token:
             return None
-        known = self._verified.get(token)
+        known = self._verified.get(token) or self._verified_before.pop(token, None)
         if known is not None:
             # Its signature and claims cannot change; only the clock moves (PyJWT: exp <= now fails).
-            if time.time() < known.expires_at:
-                return known
-            del self._verified[token]
-            return None
-        identity = self._verify(token)
-        if identity is not None:  # called on the IOLoop thread only: no lock
+            if time.time() >= known.expires_at:
+                self._verified.pop(token, None)
+                return None
+            identity: Identity | None = known
+        else:
+            identity = self._verify(token)
+        if identity is not None and token not in self._verified:  # on the IOLoop thread only: no lock
             if len(self._verified) >= VERIFIED_TOKENS_KEPT:
                 del self._verified[next(iter(self._verified))]  # the oldest
             self._verified[token] = identity
         return identity
+
+    def forget_idle(self) -> None:
+        """Start a new period: tokens not used since the previous call are forgotten."""
+        self._verified_before, self._verified = self._verified, {}
 
     def _verify(self, token: str) -> Identity | None:
         try:

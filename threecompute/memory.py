@@ -1,10 +1,11 @@
 """Giving freed memory back to the system.
 
-CPython's small objects come from glibc's malloc, which keeps what is freed for reuse: after
-a class of two hundred terminals leaves, the heap pages their buffers used stay in the
-server's resident size. Fewer malloc arenas (one per executor thread by default, up to eight
-per core) leave fewer half-empty heaps, and `malloc_trim` hands the free pages back. Both are
-glibc's; elsewhere these do nothing.
+CPython's buffers and larger objects come from glibc's malloc, which keeps what is freed for
+reuse: after a class of two hundred terminals leaves, the heap pages their buffers used stay
+in the server's resident size. Fewer malloc arenas (one per executor thread by default, up
+to eight per core) leave fewer half-empty heaps, and `malloc_trim` hands the free pages back.
+Both are glibc's; elsewhere these do nothing. (Objects of up to 512 bytes come from CPython's
+own 1 MiB arenas instead, which go back only once empty.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import functools
 
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 ARENAS = 4
-TRIM_EVERY_SECONDS = 60.0
 
 
 @functools.cache

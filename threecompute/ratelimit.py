@@ -56,6 +56,17 @@ class RateLimiter:
             self.refused += 1
         return wait
 
+    def forget_idle(self, now: float | None = None) -> None:
+        """Drop the buckets that have been full again for a while, and old report times:
+        forgetting them changes no answer, and the memory follows the people working now."""
+        now = time.monotonic() if now is None else now
+        if self.rate is not None and self.rate.per_second > 0:
+            refill = self.rate.burst / self.rate.per_second  # from empty to full
+            while self._buckets and now - next(iter(self._buckets.values()))[1] >= refill:
+                self._buckets.popitem(last=False)  # least recently used first
+        while self._reported and now - next(iter(self._reported.values())) >= REPORT_EVERY:
+            self._reported.popitem(last=False)
+
     def worth_reporting(self, key: str, now: float | None = None) -> bool:
         """Whether a refusal of `key` should be logged: once per REPORT_EVERY seconds at most,
         so that a client in a tight loop cannot flood the log."""

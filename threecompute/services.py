@@ -62,6 +62,17 @@ class Services:
         await asyncio.get_running_loop().run_in_executor(self.file_executor, self.workspaces.for_user, record.id)
         return self.user_ref(record)
 
+    def forget_idle(self) -> None:
+        """Let go of what only people who stopped working needed: verified tokens, workspace
+        handles and their listings, full rate buckets. Called periodically, each record is kept
+        for one to two periods after its last use, so that memory follows the people working
+        now, not everyone ever seen."""
+        self.tokens.forget_idle()
+        self.workspaces.forget_idle()
+        for limiter in self.rate_limits.values():
+            limiter.forget_idle()
+        self.hub.forget_idle()
+
     def close(self) -> None:
         self.backend.close()
         self.grader.close()

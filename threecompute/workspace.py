@@ -32,6 +32,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -831,7 +832,14 @@ def _zip_folder(archive: zipfile.ZipFile, folder_fd: int, prefix: str) -> None:
 
 
 class Workspaces:
-    """Hands out each user's `Workspace`, creating its folder once, and keeps it (and its cache)."""
+    """Hands out each user's `Workspace`, creating its folder once, and keeps it (and its cache)
+    while it is in use or was used lately.
+
+    A workspace nobody has asked for over a whole period of `forget_idle` is let go, so that the
+    server holds the people working now rather than everyone who ever signed in. One still
+    referenced (an upload, a writer, an operation in a worker thread) is found again by
+    `for_user`: there is never a second `Workspace` for one user.
+    """
 
     def __init__(self, base_dir: Path, owner: Owner | None = None, list_ttl: float = 0.25,
                  quota_bytes: int = 0, disks: WorkspaceDisks | None = None) -> None:
@@ -843,23 +851,34 @@ class Workspaces:
         self._owner = owner
         self._list_ttl = list_ttl
         self._lock = threading.Lock()
-        self._workspaces: dict[str, Workspace] = {}
+        self._live: weakref.WeakValueDictionary[str, Workspace] = weakref.WeakValueDictionary()
+        self._recent: dict[str, Workspace] = {}  # used in this period (strong references)
+        self._before: dict[str, Workspace] = {}  # used in the period before
 
     @_os_errors()
     def for_user(self, user_id: str) -> Workspace:
         with self._lock:
-            workspace = self._workspaces.get(user_id)
+            workspace = self._live.get(user_id)
             if workspace is None:
                 root = self._make_root(user_id)
                 files, temp, own_disk = self._storage(root)
                 workspace = Workspace(files, self._owner, self._list_ttl, self._make_temp_dir(temp),
                                       self.quota_bytes, own_disk)
-                self._workspaces[user_id] = workspace
+                self._live[user_id] = workspace
+            self._recent[user_id] = workspace
             return workspace
 
     def loaded(self, user_id: str) -> Workspace | None:
         """The user's workspace if `for_user` made it already; never touches the disk."""
-        return self._workspaces.get(user_id)  # one dict read: atomic, no lock needed
+        workspace = self._live.get(user_id)
+        if workspace is not None:
+            self._recent[user_id] = workspace  # one dict write: atomic, no lock needed
+        return workspace
+
+    def forget_idle(self) -> None:
+        """Start a new period: workspaces not used since the previous call are let go."""
+        with self._lock:
+            self._before, self._recent = self._recent, {}
 
     def _storage(self, root: Path) -> tuple[Path, Path, bool]:
         """Where the server works on workspace `root`, where its temporary files go, and
@@ -877,7 +896,8 @@ class Workspaces:
     def remove(self, user_id: str) -> None:
         """Delete the user's workspace and temporary folder (links inside are not followed)."""
         with self._lock:
-            self._workspaces.pop(user_id, None)
+            for held in (self._live, self._recent, self._before):
+                held.pop(user_id, None)
             if user_id in ("", ".", "..") or "/" in user_id or "\\" in user_id or "\x00" in user_id:
                 raise WorkspaceError(400, f"bad user id: {user_id!r}")
             if self.disks is not None:

@@ -46,7 +46,6 @@ REDRAW_TIMEOUT = 10.0
 PROGRESS_AFTER_SECONDS = 0.2
 STARTING_MESSAGE = "starting your workspace container…"
 STARTED_MESSAGE = "workspace container started; attaching the terminal…"
-REFUSAL_LOG_EVERY = 10.0  # seconds: one log line per user and interval, however many refusals
 # Per-session figures summed for /metrics: total name -> PtyStats field.
 STAT_TOTALS = {"pty_bytes_out_total": "bytes_out", "pty_bytes_in_total": "bytes_in",
                "pty_frames_out_total": "frames_out", "pty_pauses_total": "pauses",
@@ -167,7 +166,6 @@ class TerminalHub:
         self._slots: dict[str, int] = {}
         self._slots_total = 0
         self._open_rate = RateLimiter(self.limits.open_rate)
-        self._refusals_logged: dict[str, float] = {}
         self._shutting_down = False
         self._background: set[asyncio.Future] = set()
         self._redraws: set[asyncio.Future] = set()
@@ -333,6 +331,10 @@ class TerminalHub:
         self._slots[user_id] = held + 1
         self._slots_total += 1
 
+    def forget_idle(self) -> None:
+        """Forget the open rates and refusal times that no longer change an answer."""
+        self._open_rate.forget_idle()
+
     def _release_slot(self, user_id: str) -> None:
         held = self._slots.get(user_id, 0)
         if held <= 1:
@@ -343,11 +345,7 @@ class TerminalHub:
 
     def _refuse(self, user_id: str, message: str) -> None:
         self._counters["terminals_refused_total"] += 1
-        now = time.monotonic()
-        if now - self._refusals_logged.get(user_id, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
-            if len(self._refusals_logged) > 10_000:  # bounded: forget who was logged long ago
-                self._refusals_logged.clear()
-            self._refusals_logged[user_id] = now
+        if self._open_rate.worth_reporting(user_id):  # one line per user and interval, however many refusals
             log.warning("terminal refused for user %s: %s (%d open or opening, %d on the server)",
                         user_id, message, self._slots.get(user_id, 0), self._slots_total)
         raise TerminalLimit(message)
