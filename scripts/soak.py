@@ -625,13 +625,18 @@ class Soak:
         for proc in pids:
             proc.send_signal(signal.SIGTERM)
         gone: list[psutil.Process] = []
+        # When the engine was gone and when it answered again: the rest of the fault's window
+        # is the server's (and its users') recovery.
+        times: dict[str, float] = {}
         try:
             gone, _ = await asyncio.to_thread(psutil.wait_procs, pids, 120)
+            times["engine_gone_at"] = round(self.rec.now(), 2)
             await asyncio.sleep(DOCKERD_DOWN_SECONDS)
         finally:  # whatever happens (even a cancel), the engine is started again
             code = await asyncio.shield(asyncio.to_thread(start_engine))
+            times["engine_back_at"] = round(self.rec.now(), 2)
         await asyncio.sleep(20.0)
-        return {"stopped": len(gone), "restart_rc": code, "down_seconds": DOCKERD_DOWN_SECONDS}
+        return {"stopped": len(gone), "restart_rc": code, "down_seconds": DOCKERD_DOWN_SECONDS, **times}
 
 
 def default_engine() -> list[psutil.Process]:
