@@ -42,7 +42,8 @@ class TokenCodec:
         self.lifetime_seconds = lifetime_seconds
         # Only tokens that passed every check, in two generations: those used since the last
         # `forget_idle` and those used in the period before it. A token unused for a whole
-        # period is forgotten, so the cache holds the people working now.
+        # period is forgotten, so the cache holds the people working now. Each generation holds
+        # at most VERIFIED_TOKENS_KEPT.
         self._verified: dict[str, Identity] = {}
         self._verified_before: dict[str, Identity] = {}
 
