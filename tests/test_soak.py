@@ -49,3 +49,17 @@ def test_a_short_soak_with_every_fault_loses_and_leaks_nothing(tmp_path):
     assert report["cpu"]["server_cores"]["mean"] > 0 and report["cpu"]["machine_busy_percent"]["mean"] > 0
     if importlib.util.find_spec("matplotlib") is not None:  # requirements-bench.txt
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags", [["--memory-wait", "-1"], ["--memory-wait", "601"], ["--disk-hold", "0"],
+                                   ["--users", "201"], ["--duration", "5"]])
+def test_its_settings_are_bounded(flags, capsys):
+    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
+    soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = soak  # dataclasses look their module up there
+    spec.loader.exec_module(soak)
+    with pytest.raises(SystemExit) as exit_info:
+        soak.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+    assert soak.parse_args(["--memory-wait", "0"]).memory_wait == 0
