@@ -80,6 +80,7 @@ def keep_house(services: Services) -> None:
     """Every HOUSEKEEPING_SECONDS: forget what people who stopped working left behind, then
     give the freed memory back to the system."""
     services.forget_idle()
+    memory.clear_url_cache()
     memory.trim()
 
 

@@ -59,14 +59,16 @@ class RecordingTerminal:
 def route(frames: list[str | bytes]) -> tuple[RecordingTerminal, list[str]]:
     """Frames through the parser and the router, as a transport does."""
     errors: list[str] = []
-    router, terminal = InputRouter(errors.append), RecordingTerminal()
+    router, terminal = InputRouter(), RecordingTerminal()
     for i, frame in enumerate(frames):
         if i == len(frames) // 2:
-            router.attach(terminal)  # some frames arrive before the terminal is ready
+            errors += router.attach(terminal)  # some frames arrive before the terminal is ready
         try:
-            router.receive(parse_frame(frame))
+            problem = router.receive(parse_frame(frame))
         except FrameError as exc:
-            errors.append(str(exc))
+            problem = str(exc)
+        if problem:
+            errors.append(problem)
     return terminal, errors
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from threecompute.containers.backend import AttachCommand, BackendError, Box, ContainerBackend, UserRef
 from threecompute.pty import spares
-from threecompute.pty.hub import Terminal, TerminalHub
+from threecompute.pty.hub import LatencyWindow, Terminal, TerminalHub
 
 
 class FakeBackend(ContainerBackend):
@@ -342,3 +342,14 @@ async def test_a_spare_ends_soon_after_its_user_left_and_none_start_when_turned_
     await asyncio.sleep(0.5)
     assert children() == 1 and off.metrics()["spares_waiting"] == 0
     await off.close_all()
+
+
+def test_a_latency_window_summarises_its_last_samples_and_counts_them_all() -> None:
+    window = LatencyWindow(size=4)
+    assert window.summary("attach") == {"attach_count": 0}
+    for seconds in (9.0, 1.0, 2.0, 3.0, 4.0, 5.0):
+        window.add(seconds)
+    assert window.summary("attach") == {
+        "attach_count": 6, "attach_last_seconds": 5.0, "attach_avg_seconds": 4.0,
+        "attach_p50_seconds": 4.0, "attach_p99_seconds": 5.0,  # of 2, 3, 4, 5: the 9 has left
+    }

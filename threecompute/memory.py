@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import urllib.parse
 
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 ARENAS = 4
@@ -38,3 +39,13 @@ def trim() -> bool:
     """Return the free pages of every arena to the system; True if any were."""
     libc = _libc()
     return bool(libc and libc.malloc_trim(0))
+
+
+def clear_url_cache() -> None:
+    """Empty the standard library's cache of parsed URLs. Every Docker engine call parses its
+    URL, most of which name a container, so the cache holds the last 128 calls' URLs: made
+    during a burst (a class signing in, the engine coming back), they are spread over the
+    allocator arenas the burst needed and keep every one of them."""
+    clear = getattr(urllib.parse.urlsplit, "cache_clear", None)
+    if clear is not None:
+        clear()

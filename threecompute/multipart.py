@@ -77,6 +77,10 @@ def _filename(params: dict[str, str]) -> str | None:
     return params.get("filename")
 
 
+def _body_ended(field: str, filename: str) -> FileSink:
+    raise MultipartError("the body has ended")
+
+
 class MultipartParser:
     """Feed it the body in chunks of any size; see `fields` and `files` once finished."""
 
@@ -93,7 +97,9 @@ class MultipartParser:
         self._max_header_bytes = max_header_bytes
         # The first delimiter has no CRLF before it; supplying one lets a single search find all.
         self._buffer = bytearray(b"\r\n")
-        self._step = self._preamble
+        # Steps are kept unbound: a bound method held by its own object would make every
+        # parser a reference cycle, freed only by the collector instead of with its upload.
+        self._step: Callable[[MultipartParser], bool] = MultipartParser._preamble
         self._name = ""
         self._filename: str | None = None
         self._sink: FileSink | None = None
@@ -112,24 +118,26 @@ class MultipartParser:
         return boundary.encode("ascii")
 
     def feed(self, chunk: bytes) -> None:
-        if self._step == self._failed:  # bound methods: equal, never identical
+        if self._step is MultipartParser._failed:
             raise MultipartError("the upload already failed")
         self._buffer += chunk
         try:
-            while self._step():
+            while self._step(self):
                 pass
         except BaseException:
             self.abort()
             raise
 
     def finish(self) -> None:
-        if self._step != self._epilogue:
+        if self._step is not MultipartParser._epilogue:
             self.abort()
             raise MultipartError("the body ended before the closing boundary")
+        self._open_file = _body_ended  # the owner's callback, held no longer than needed
 
     def abort(self) -> None:
         sink, self._sink = self._sink, None
-        self._step = self._failed
+        self._open_file = _body_ended
+        self._step = MultipartParser._failed
         self._buffer.clear()
         if sink is not None:
             sink.abort()
@@ -143,13 +151,13 @@ class MultipartParser:
             del self._buffer[: max(0, len(self._buffer) - len(self._delimiter) + 1)]
             return False
         del self._buffer[: at + len(self._delimiter)]
-        self._step = self._after_delimiter
+        self._step = MultipartParser._after_delimiter
         return True
 
     def _after_delimiter(self) -> bool:
         if self._buffer.startswith(b"--"):
             self._buffer.clear()
-            self._step = self._epilogue
+            self._step = MultipartParser._epilogue
             return False
         line_end = self._buffer.find(b"\r\n")
         if line_end < 0:
@@ -160,7 +168,7 @@ class MultipartParser:
             raise MultipartError("malformed boundary line")
         # The CRLF stays, so that a part without headers still ends at the first CRLFCRLF.
         del self._buffer[:line_end]
-        self._step = self._headers
+        self._step = MultipartParser._headers
         return True
 
     def _headers(self) -> bool:
@@ -172,7 +180,7 @@ class MultipartParser:
         block = self._buffer[2:end].decode("utf-8", "replace")
         del self._buffer[: end + 4]
         self._start_part(block)
-        self._step = self._body
+        self._step = MultipartParser._body
         return True
 
     def _body(self) -> bool:
@@ -187,7 +195,7 @@ class MultipartParser:
         self._emit(bytes(self._buffer[:at]))
         del self._buffer[: at + len(self._delimiter)]
         self._end_part()
-        self._step = self._after_delimiter
+        self._step = MultipartParser._after_delimiter
         return True
 
     def _epilogue(self) -> bool:

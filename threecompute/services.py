@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .classrooms import Classrooms
@@ -21,6 +20,7 @@ from .pty.hub import TerminalHub, TerminalLimits
 from .ratelimit import RateLimiter
 from .settings import ConfigError, Settings
 from .store import Store, User, open_store
+from .threadpool import ThreadPool
 from .workspace import Workspaces
 from .workspace_disks import WorkspaceDisks, missing_tools
 
@@ -37,7 +37,7 @@ class Services:
     backend: ContainerBackend
     hub: TerminalHub
     deployer: Deployer
-    file_executor: ThreadPoolExecutor
+    file_executor: ThreadPool
     rate_limits: dict[str, RateLimiter] = field(default_factory=dict)  # "files", "tabs", "signin"
     open_sockets: set = field(default_factory=set)  # live terminal connections, for shutdown
     keepalive: Keepalive = field(default_factory=Keepalive)  # pings the terminal WebSockets
@@ -64,14 +64,15 @@ class Services:
 
     def forget_idle(self) -> None:
         """Let go of what only people who stopped working needed: verified tokens, workspace
-        handles and their listings, full rate buckets. Called periodically, each record is kept
-        for one to two periods after its last use, so that memory follows the people working
-        now, not everyone ever seen."""
+        handles and their listings, full rate buckets, idle engine connections. Called
+        periodically, each record is kept for one to two periods after its last use, so that
+        memory follows the people working now, not everyone ever seen."""
         self.tokens.forget_idle()
         self.workspaces.forget_idle()
         for limiter in self.rate_limits.values():
             limiter.forget_idle()
         self.hub.forget_idle()
+        self.backend.forget_idle()
 
     def close(self) -> None:
         self.backend.close()
@@ -114,7 +115,7 @@ def build_services(settings: Settings, backend: ContainerBackend | None = None) 
         backend=backend,
         hub=hub,
         deployer=Deployer(settings.deploy_command, metrics.deployed),
-        file_executor=ThreadPoolExecutor(max_workers=8, thread_name_prefix="files"),
+        file_executor=ThreadPool(8, "files"),
         metrics=metrics,
         rate_limits=rate_limits,
     )

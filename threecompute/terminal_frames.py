@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 
 from .pty import PtyInputOverflow, ReadOnlyTerminal, Terminal
 
@@ -69,33 +68,35 @@ def parse_event(kind: object, payload: object) -> dict:
 class InputRouter:
     """Checked frames to one terminal: held while it is being attached, then replayed in order.
 
-    Both transports use it; problems go to `report_error` (an `error` frame for the client).
+    Both transports use it. A problem is returned, for the transport to send as an `error`
+    frame: the router holds nothing of its transport, so that a closed connection is freed at
+    once instead of waiting, in a reference cycle, for the collector.
     """
 
-    def __init__(self, report_error: Callable[[str], None]) -> None:
-        self._report_error = report_error
+    def __init__(self) -> None:
         self._terminal: Terminal | None = None
         self._pending: list[dict] = []
 
-    def attach(self, terminal: Terminal) -> None:
+    def attach(self, terminal: Terminal) -> list[str]:
+        """Replay the frames held; their problems, if any."""
         self._terminal = terminal
         pending, self._pending = self._pending, []
-        for frame in pending:
-            self._apply(frame)
+        return [problem for frame in pending if (problem := self._apply(frame))]
 
-    def receive(self, frame: dict) -> None:
+    def receive(self, frame: dict) -> str | None:
         if self._terminal is not None:
-            self._apply(frame)
-        elif len(self._pending) < MAX_PENDING_FRAMES:
-            self._pending.append(frame)
-        else:
-            self._report_error("the terminal is still starting; input dropped")
+            return self._apply(frame)
+        if len(self._pending) >= MAX_PENDING_FRAMES:
+            return "the terminal is still starting; input dropped"
+        self._pending.append(frame)
+        return None
 
-    def _apply(self, frame: dict) -> None:
+    def _apply(self, frame: dict) -> str | None:
         if frame["type"] == "resize":
             self._terminal.resize(frame["rows"], frame["cols"])
-            return
+            return None
         try:
             self._terminal.write(frame["input"])
         except (PtyInputOverflow, ReadOnlyTerminal) as exc:
-            self._report_error(str(exc))
+            return str(exc)
+        return None

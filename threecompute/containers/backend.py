@@ -85,6 +85,9 @@ class ContainerBackend(abc.ABC):
     def close(self) -> None:
         """The process is ending: drop what is still queued (nothing may wait on it)."""
 
+    def forget_idle(self) -> None:
+        """Let go of what only past work needed (called periodically, as `Services.forget_idle`)."""
+
     @abc.abstractmethod
     async def purge(self) -> None:
         """Remove everything this deployment made (containers, tmux servers...), workspaces aside.

@@ -42,7 +42,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import docker
@@ -68,6 +67,7 @@ from threecompute.containers.backend import (
 from threecompute.containers.firewall import Firewall
 from threecompute.containers.reaper import SHELLS, WRAPPER_MARK, IdleReaper, Proc, parse_ps_rows
 from threecompute.settings import Settings
+from threecompute.threadpool import ThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,10 @@ class DockerBackend(ContainerBackend):
         self.cluster: Cluster = LocalCluster()
         self.docker_cli = shutil.which("docker") or "docker"
         self._docker_host = docker_host
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="docker")
-        self._health_pool = ThreadPoolExecutor(1, thread_name_prefix="docker-health")
+        self._pool = ThreadPool(threads, "docker")
+        self._health_pool = ThreadPool(1, "docker-health")
         self._client: docker.DockerClient | None = None
+        self._calls = 0  # engine calls under way
         self._client_url: str | None = None
         self._client_lock = threading.Lock()
         self._network_lock = threading.Lock()
@@ -687,6 +688,8 @@ class DockerBackend(ContainerBackend):
         return await IOLoop.current().run_in_executor(self._pool, self._call, fn, *args)
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._client_lock:
+            self._calls += 1
         try:
             return fn(self._get_client(), *args)
         except docker.errors.APIError:
@@ -696,6 +699,17 @@ class DockerBackend(ContainerBackend):
             url = self._engine_url()
             self._drop_client()
             raise BackendError(f"Docker engine unreachable at {url}: {_engine_reason(exc)}") from exc
+        finally:
+            with self._client_lock:
+                self._calls -= 1
+
+    def forget_idle(self) -> None:
+        """Close the engine connections that wait in the pool, each with its last response,
+        when no call is under way (closing a pool under a call fails the call): the pool
+        grows to the peak's concurrency and would otherwise keep that many."""
+        with self._client_lock:
+            if self._client is not None and self._calls == 0:
+                self._client.close()
 
     def _get_client(self) -> docker.DockerClient:
         with self._client_lock:

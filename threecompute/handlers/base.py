@@ -193,6 +193,8 @@ class BaseHandler(tornado.web.RequestHandler):
             raise mapped from e
         except HTTPError as current:
             super()._handle_request_exception(current)
+        finally:
+            del mapped, e  # the raised error's traceback holds this frame: no cycle through it
 
 
 def as_http_error(e: BaseException) -> HTTPError | None:

@@ -145,7 +145,7 @@ class SocketIOTerminal:
         self.tab_id = tab_id
         self.terminal: Terminal | None = None
         self.attaching: asyncio.Task | None = None
-        self.input = InputRouter(self.send_error)
+        self.input = InputRouter()
         self.unwatch_files: Callable[[], None] | None = None
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         # Frames must reach the Engine.IO queue in the order they were produced; a lock is
@@ -173,7 +173,8 @@ class SocketIOTerminal:
         if self.gone.done():  # the client left while the container was being made
             await self.services.hub.close(self.terminal)
             return
-        self.input.attach(self.terminal)
+        for problem in self.input.attach(self.terminal):
+            self.send_error(problem)
 
     def on_disconnect(self) -> None:
         if self.unwatch_files is not None:
@@ -187,6 +188,7 @@ class SocketIOTerminal:
     async def release(self) -> None:
         if self.attaching is not None:
             await asyncio.wait([self.attaching])
+            self.attaching = None  # if cancelled, it keeps its error, whose traceback holds this object
         if self.terminal is not None:
             await self.services.hub.close(self.terminal)
 
@@ -219,9 +221,11 @@ class SocketIOTerminal:
 
     def receive(self, kind: str, args: tuple) -> None:
         try:
-            self.input.receive(parse_event(kind, args[0] if len(args) == 1 else None))
+            problem = self.input.receive(parse_event(kind, args[0] if len(args) == 1 else None))
         except FrameError as exc:
-            self.send_error(str(exc))
+            problem = str(exc)
+        if problem:
+            self.send_error(problem)
 
     # -- output --------------------------------------------------------------------------
 

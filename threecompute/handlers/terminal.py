@@ -76,7 +76,7 @@ class TerminalSocket(ClosingWebSocketHandler):
         self.services = services
         self.terminal: Terminal | None = None
         self.attaching: asyncio.Task | None = None
-        self.input = InputRouter(self.send_error_frame)
+        self.input = InputRouter()
         self.unwatch_files: Callable[[], None] | None = None
         self.watcher: str | None = None  # set for a read-only view: who watches
         self.pong_awaited = False
@@ -136,7 +136,8 @@ class TerminalSocket(ClosingWebSocketHandler):
         if self.ws_connection is None:  # the client left while the container was being made
             await self.services.hub.close(self.terminal)
             return
-        self.input.attach(self.terminal)
+        for problem in self.input.attach(self.terminal):
+            self.send_error_frame(problem)
         self.attaching = None  # done: nothing left to wait for or cancel
 
     def on_close(self) -> None:
@@ -151,6 +152,7 @@ class TerminalSocket(ClosingWebSocketHandler):
     async def release(self) -> None:
         if self.attaching is not None:
             await asyncio.wait([self.attaching])
+            self.attaching = None  # if cancelled, it keeps its error, whose traceback holds this object
         if self.terminal is not None:
             await self.services.hub.close(self.terminal)
 
@@ -191,9 +193,11 @@ class TerminalSocket(ClosingWebSocketHandler):
 
     def on_message(self, message: str | bytes) -> None:
         try:
-            self.input.receive(parse_frame(message))
+            problem = self.input.receive(parse_frame(message))
         except FrameError as exc:
-            self.send_error_frame(str(exc))
+            problem = str(exc)
+        if problem:
+            self.send_error_frame(problem)
 
     def send_output(self, text: str) -> Awaitable[None] | None:
         try:

@@ -21,7 +21,7 @@ import logging
 import secrets
 import signal
 import time
-from collections import deque
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,25 +69,30 @@ class TerminalLimits:
 
 
 class LatencyWindow:
-    """Recent samples of one latency, for last/avg/p50/p99 gauges."""
+    """Recent samples of one latency, for last/avg/p50/p99 gauges.
+
+    Unboxed, in a ring made at start: a float object per sample would leave the last 512,
+    made during a class's peak, scattered over the allocator arenas that peak filled, and
+    keep every one of those arenas in the server's memory after the class has gone.
+    """
 
     def __init__(self, size: int = 512) -> None:
-        self.samples: deque[float] = deque(maxlen=size)
+        self._ring = array("d", bytes(8 * size))
         self.count = 0
         self.total = 0.0
 
     def add(self, seconds: float) -> None:
-        self.samples.append(seconds)
+        self._ring[self.count % len(self._ring)] = seconds
         self.count += 1
         self.total += seconds
 
     def summary(self, prefix: str) -> dict[str, float]:
-        if not self.samples:
+        if not self.count:
             return {f"{prefix}_count": 0}
-        ordered = sorted(self.samples)
+        ordered = sorted(self._ring[:min(self.count, len(self._ring))])
         return {
             f"{prefix}_count": self.count,
-            f"{prefix}_last_seconds": self.samples[-1],
+            f"{prefix}_last_seconds": self._ring[(self.count - 1) % len(self._ring)],
             f"{prefix}_avg_seconds": self.total / self.count,
             f"{prefix}_p50_seconds": ordered[len(ordered) // 2],
             f"{prefix}_p99_seconds": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
@@ -209,10 +214,8 @@ class TerminalHub:
         # Shielded: a client that leaves while its container is being made cancels its open
         # (and gives its slot back at once), but the container is still made, whole, for
         # its next connection, instead of being abandoned half-way.
-        ensuring = asyncio.ensure_future(self.backend.ensure(user))
-        ensuring.add_done_callback(self._count_ensure_error)
         try:
-            box = await asyncio.shield(ensuring)
+            box = await asyncio.shield(self._ensure(user))
         finally:
             notice.cancel()
         if box.cold:
@@ -314,6 +317,13 @@ class TerminalHub:
     def _refuse_if_shutting_down(self) -> None:
         if self._shutting_down:
             raise BackendError("the server is shutting down")
+
+    def _ensure(self, user: UserRef) -> asyncio.Future[Box]:
+        # Not a local of `_open`: its error's traceback holds that frame, and a frame holding
+        # the task would make a reference cycle of the whole failed connection.
+        ensuring = asyncio.ensure_future(self.backend.ensure(user))
+        ensuring.add_done_callback(self._count_ensure_error)
+        return ensuring
 
     def _count_ensure_error(self, ensuring: asyncio.Future) -> None:
         if not ensuring.cancelled() and ensuring.exception() is not None:  # also marks it retrieved
@@ -419,6 +429,7 @@ class TerminalHub:
             log.exception("backend %s(%s) failed", event.__name__, user.user_id)
 
     async def _close(self, terminal: Terminal) -> None:
+        terminal.on_first_resize = None  # a closure that holds the terminal: no cycle left behind
         terminal.session.close()
         try:
             await asyncio.wait_for(self.backend.detach(terminal.box, terminal.client_id), DETACH_TIMEOUT)

@@ -153,6 +153,10 @@ class _Pty(PtyProcess):
         self.delayafterclose = self.delayafterterminate = 0.1
 
 
+def _sent_nowhere(text: str) -> None:
+    """The sink of a session that has ended."""
+
+
 class PtySession:
     """A child process under a PTY, read on the IOLoop, with flow control towards `send`.
 
@@ -267,6 +271,7 @@ class PtySession:
         if self._user_closed:
             return
         self._user_closed = True
+        self._on_exit = None  # not called once closed
         self._cancel_flush()
         self._pending.clear()  # nobody is listening any more
         self._pending_bytes = 0
@@ -445,14 +450,19 @@ class PtySession:
             self._pending.append(tail)
         self._flush(force=True)
         self._teardown(hangup_now=False)
-        if self._on_exit is not None and not self._user_closed:
+        on_exit, self._on_exit = self._on_exit, None
+        if on_exit is not None and not self._user_closed:
             try:
-                self._on_exit()
+                on_exit()
             except Exception:
                 log.exception("terminal on_exit callback failed (pid %s)", self.pid)
 
     def _teardown(self, hangup_now: bool) -> None:
         self._torn_down = True
+        # Nothing is sent from now on. The sink belongs to the connection, which holds this
+        # session: dropped, the two are freed when the connection ends, not in a later
+        # collection of reference cycles (a class's worth of them, after a reconnect storm).
+        self._send = _sent_nowhere
         self._cancel_flush()
         self._input.clear()
         self._loop.remove_handler(self._fd)
