@@ -71,7 +71,7 @@ class ThreadPool(Executor):
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args, **kwargs))
-                except BaseException as exc:  # noqa: BLE001 - the caller gets it through the future
+                except BaseException as exc:  # the caller gets it through the future
                     future.set_exception(exc)
             del future, fn, args, kwargs  # nothing of the last call stays alive while idle
 
