@@ -9,6 +9,7 @@ Without an engine or the image these tests skip, or fail when REQUIRE_DOCKER=1.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -16,6 +17,7 @@ import os
 import random
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -542,6 +544,63 @@ def test_idle_engine_connections_stay_within_one_pool(engine):
         assert len(os.listdir("/proc/self/fd")) - before <= 1
     finally:
         client.close()
+
+
+@pytest.mark.docker
+def test_idle_engine_connections_are_closed_but_never_under_a_call(engine, settings_for):
+    """`forget_idle` closes the connections the pool kept from a burst of concurrent calls,
+    leaves them while a call is under way, and the next call opens one again."""
+    backend = DockerBackend(settings_for())
+    in_call, release = threading.Event(), threading.Event()
+
+    def inspect(client: docker.DockerClient, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.inspect_container(name)
+
+    def held(client: docker.DockerClient) -> str:
+        inspect(client, "3compute-no-such-container-held")
+        in_call.set()
+        release.wait(10)
+        return "finished"
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    try:
+        backend._call(inspect, "3compute-no-such-container")  # the client exists: its own descriptors counted
+        before = descriptors()
+        barrier = threading.Barrier(4)
+
+        def burst(i: int) -> None:
+            barrier.wait(10)
+            for n in range(20):
+                backend._call(inspect, f"3compute-no-such-container-{i}-{n}")
+
+        threads = [threading.Thread(target=burst, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert descriptors() > before, "the burst left no pooled connection to close"
+
+        caller = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            under_way = caller.submit(backend._call, held)
+            assert in_call.wait(10)
+            kept = descriptors()
+            backend.forget_idle()
+            assert descriptors() == kept, "connections closed under a call"
+            release.set()
+            assert under_way.result(10) == "finished"
+        finally:
+            release.set()
+            caller.shutdown()
+
+        backend.forget_idle()
+        assert descriptors() < before, "idle connections were kept"
+        backend._call(inspect, "3compute-no-such-container-after")  # a call opens one again
+    finally:
+        backend.close()
 
 
 @pytest.mark.docker
