@@ -3,15 +3,38 @@
     python server.py [--host HOST] [--port PORT] [--debug] [--dev] [--backend docker|swarm|local]
 """
 
+# ruff: noqa: E402 - the allocator is chosen before the imports, which would otherwise run twice
 from __future__ import annotations
+
+import os
+import sys
+
+
+def run_on_the_system_allocator() -> None:
+    """Start again with PYTHONMALLOC=malloc unless the environment chose an allocator.
+
+    CPython's own allocator gives a 1 MiB arena back only once nothing in it is alive, and the
+    few objects a class leaves behind (a departed user's reaper record, a metric's value) keep
+    every arena its peak filled. glibc's malloc keeps 4 KiB pages instead, whose free ones
+    `memory.trim()` hands back: 100 users x 2 terminals leave 8 % more than they found rather
+    than 17 %, for the same CPU."""
+    if "PYTHONMALLOC" in os.environ or not sys.executable:
+        return
+    os.environ["PYTHONMALLOC"] = "malloc"
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:
+        del os.environ["PYTHONMALLOC"]  # run on as started
+
+
+if __name__ == "__main__":
+    run_on_the_system_allocator()
 
 import asyncio
 import gc
 import logging
-import os
 import resource
 import signal
-import sys
 import threading
 
 from tornado.httpserver import HTTPServer
@@ -81,6 +104,9 @@ def keep_house(services: Services) -> None:
     give the freed memory back to the system."""
     services.forget_idle()
     memory.clear_url_cache()
+    memory.clear_lookup_cache()
+    if not services.hub.terminals():
+        gc.collect()  # a full collection also empties the interpreter's free lists
     memory.trim()
 
 

@@ -172,3 +172,24 @@ def test_the_server_reports_on_sigusr1_and_stops_cleanly_on_sigterm(tmp_path):
     tracked, frozen = map(int, re.search(r"(\d+) tracked, (\d+) frozen at startup", output).groups())
     assert frozen > 10_000 and frozen > 3 * tracked, output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("chosen, runs_on", [(None, "malloc"), ("pymalloc", "pymalloc")])
+def test_the_server_runs_on_the_system_allocator_unless_one_is_chosen(tmp_path, chosen, runs_on):
+    """Started again in place (same pid) with PYTHONMALLOC=malloc; an allocator the
+    environment names is kept."""
+    port = next(p for p in range(42000, 43000) if port_is_free(p))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"} | {"DATA_DIR": str(tmp_path / "data")}
+    if chosen:
+        env["PYTHONMALLOC"] = chosen
+    process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--dev", "--backend", "local",
+                                "--port", str(port)], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_health(port, time.monotonic() + 20)["code"] == 200
+        environment = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        assert f"PYTHONMALLOC={runs_on}".encode() in environment
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()

@@ -4,8 +4,9 @@ CPython's buffers and larger objects come from glibc's malloc, which keeps what 
 reuse: after a class of two hundred terminals leaves, the heap pages their buffers used stay
 in the server's resident size. Fewer malloc arenas (one per executor thread by default, up
 to eight per core) leave fewer half-empty heaps, and `malloc_trim` hands the free pages back.
-Both are glibc's; elsewhere these do nothing. (Objects of up to 512 bytes come from CPython's
-own 1 MiB arenas instead, which go back only once empty.)
+Both are glibc's; elsewhere these do nothing. server.py runs the interpreter on malloc for
+its small objects too (PYTHONMALLOC=malloc): CPython's own 1 MiB arenas go back only once
+empty, which a few objects left over from a busy hour prevent.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import sys
 import urllib.parse
 
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
@@ -47,5 +49,15 @@ def clear_url_cache() -> None:
     during a burst (a class signing in, the engine coming back), they are spread over the
     allocator arenas the burst needed and keep every one of them."""
     clear = getattr(urllib.parse.urlsplit, "cache_clear", None)
+    if clear is not None:
+        clear()
+
+
+def clear_lookup_cache() -> None:
+    """Empty CPython's attribute lookup cache. Each of its 4096 slots keeps the name it was
+    last looked up by, and names made at run time (Tornado's `getattr(handler, method.lower())`
+    per request, the codec's method names per text-mode `open`) are new strings each time, so
+    it holds thousands of small strings from the last burst, each keeping its allocator pool."""
+    clear = getattr(sys, "_clear_type_cache", None)
     if clear is not None:
         clear()
