@@ -16,8 +16,9 @@ def run_on_the_system_allocator() -> None:
     CPython's own allocator gives a 1 MiB arena back only once nothing in it is alive, and the
     few objects a class leaves behind (a departed user's reaper record, a metric's value) keep
     every arena its peak filled. glibc's malloc keeps 4 KiB pages instead, whose free ones
-    `memory.trim()` hands back: 100 users x 2 terminals leave 8 % more than they found rather
-    than 17 %, for the same CPU."""
+    `memory.trim()` hands back once housekeeping has emptied the interpreter's caches: in a
+    short soak, 100 users x 2 terminals left the server 8 % larger than they found it rather
+    than 17 %, for the same CPU (PERFORMANCE.md, "What the interpreter keeps")."""
     if "PYTHONMALLOC" in os.environ or not sys.executable:
         return
     os.environ["PYTHONMALLOC"] = "malloc"

@@ -47,13 +47,16 @@ def run_in_terminal(page, tab: str, command: str) -> None:  # noqa: ANN001
 def drag_onto(page, source: str, target: str) -> None:
     """Drag one tree row onto another through the page's own drag-and-drop events (one
     DataTransfer from dragstart to drop), which the tree handles exactly as a person's drag;
-    Chromium's synthesized mouse gesture starts no drag now and then."""
+    Chromium's synthesized mouse gesture starts no drag now and then. `dragend` goes to the
+    dragged row itself, as a browser's does: once the move is done the tree may have been
+    drawn again without it."""
     transfer = page.evaluate_handle("() => new DataTransfer()")
-    page.dispatch_event(source, "dragstart", {"dataTransfer": transfer})
+    dragged = page.locator(source).element_handle()
+    dragged.dispatch_event("dragstart", {"dataTransfer": transfer})
     page.dispatch_event(target, "dragenter", {"dataTransfer": transfer})
     page.dispatch_event(target, "dragover", {"dataTransfer": transfer})
     page.dispatch_event(target, "drop", {"dataTransfer": transfer})
-    page.dispatch_event(source, "dragend", {"dataTransfer": transfer})
+    dragged.dispatch_event("dragend", {"dataTransfer": transfer})
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("docker", marks=pytest.mark.docker)])

@@ -57,7 +57,7 @@ def clear_lookup_cache() -> None:
     """Empty CPython's attribute lookup cache. Each of its 4096 slots keeps the name it was
     last looked up by, and names made at run time (Tornado's `getattr(handler, method.lower())`
     per request, the codec's method names per text-mode `open`) are new strings each time, so
-    it holds thousands of small strings from the last burst, each keeping its allocator pool."""
+    it holds thousands of small strings from the last burst, each keeping the page it lies in."""
     clear = getattr(sys, "_clear_type_cache", None)
     if clear is not None:
         clear()
