@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,12 +151,18 @@ def wait_for_health(port: int, deadline: float) -> dict:
     raise AssertionError("the server never answered /healthz")
 
 
-def test_the_server_reports_on_sigusr1_and_stops_cleanly_on_sigterm(tmp_path):
-    port = next(p for p in range(41000, 42000) if port_is_free(p))
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+def spawn_server(tmp_path: Path, env: dict[str, str], **streams: Any) -> tuple[subprocess.Popen, int]:
+    """`server.py --dev --backend local` on a free port, its DATA_DIR in `tmp_path`."""
+    port = next(p for p in range(41000, 43000) if port_is_free(p))
     process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--dev", "--backend", "local",
-                                "--port", str(port)], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--port", str(port)], cwd=tmp_path, env=env | {"DATA_DIR": str(tmp_path / "data")},
+                               **streams)
+    return process, port
+
+
+def test_the_server_reports_on_sigusr1_and_stops_cleanly_on_sigterm(tmp_path):
+    process, port = spawn_server(tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_for_health(port, time.monotonic() + 20)["code"] == 200
         process.send_signal(signal.SIGUSR1)  # a resource report, and the server goes on
@@ -178,13 +185,10 @@ def test_the_server_reports_on_sigusr1_and_stops_cleanly_on_sigterm(tmp_path):
 def test_the_server_runs_on_the_system_allocator_unless_one_is_chosen(tmp_path, chosen, runs_on):
     """Started again in place (same pid) with PYTHONMALLOC=malloc; an allocator the
     environment names is kept."""
-    port = next(p for p in range(42000, 43000) if port_is_free(p))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"} | {"DATA_DIR": str(tmp_path / "data")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
     if chosen:
         env["PYTHONMALLOC"] = chosen
-    process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--dev", "--backend", "local",
-                                "--port", str(port)], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process, port = spawn_server(tmp_path, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for_health(port, time.monotonic() + 20)["code"] == 200
         environment = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
