@@ -25,8 +25,10 @@ INVALID_UTF8 = b'{"type": "pty-input", "data": {"input": "\xff\xfe"}}'
 
 def close_code(url: str, cookie: str, *frames: tuple[bytes | str, int] | websocket.ABNF) -> str:
     """Send the messages (or raw frames), then read until the server's close frame: its code,
-    or what went wrong."""
+    or what went wrong. A close that follows an error frame names that frame and the output
+    before it (a terminal that ended by itself says why)."""
     ws = websocket.create_connection(url, cookie=cookie, timeout=15)
+    received: list[str] = []
     try:
         for frame in frames:
             if isinstance(frame, websocket.ABNF):
@@ -36,7 +38,9 @@ def close_code(url: str, cookie: str, *frames: tuple[bytes | str, int] | websock
         while True:
             opcode, data = ws.recv_data(control_frame=True)
             if opcode == websocket.ABNF.OPCODE_CLOSE:
-                return str(int.from_bytes(data[:2], "big"))
+                code = str(int.from_bytes(data[:2], "big"))
+                return f"{code} after {received[-3:]}" if any('"error"' in text for text in received) else code
+            received.append(data.decode(errors="replace")[-300:])
     except Exception as exc:  # a reset is the failure this file is about
         return f"{type(exc).__name__}: {exc}"
     finally:
