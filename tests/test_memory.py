@@ -1,18 +1,23 @@
 """Freed memory goes back to the system: a heap left full of holes (what a class leaving
-leaves behind) shrinks in resident size when trimmed. In a child process, so the test's own
-heap plays no part."""
+leaves behind) shrinks in resident size when trimmed (in a child process, so the test's own
+heap plays no part); the interpreter's caches are emptied, and housekeeping's full collection
+runs only while no terminal is open, on a fake hub and on the test server with a real one."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 import server
 from threecompute import memory
+
+from .terminal_client import TerminalClient
 
 CHILD = r"""
 import json, threading
@@ -73,17 +78,14 @@ class _Services:
         self.forgotten += 1
 
 
-@pytest.mark.parametrize("terminals, full_collections", [([], 1), ([object()], 0)])
-def test_housekeeping_collects_fully_only_when_no_terminal_is_open(terminals, full_collections):
-    """A full collection (which also empties the interpreter's free lists) pauses every
-    terminal for as long as it runs: only once nobody has one open."""
+def full_collections_in_a_sweep(services) -> int:  # noqa: ANN001
+    """How many full collections one housekeeping sweep runs (automatic collection off)."""
     seen = []
 
     def record(phase: str, info: dict) -> None:
         if phase == "start":
             seen.append(info["generation"])
 
-    services = _Services(terminals)
     automatic = gc.isenabled()
     gc.disable()  # only the collections housekeeping asks for
     gc.callbacks.append(record)
@@ -93,5 +95,30 @@ def test_housekeeping_collects_fully_only_when_no_terminal_is_open(terminals, fu
         gc.callbacks.remove(record)
         if automatic:
             gc.enable()
+    return seen.count(2)
+
+
+@pytest.mark.parametrize("terminals, full_collections", [([], 1), ([object()], 0)])
+def test_housekeeping_collects_fully_only_when_no_terminal_is_open(terminals, full_collections):
+    """A full collection (which also empties the interpreter's free lists) pauses every
+    terminal for as long as it runs: only once nobody has one open."""
+    services = _Services(terminals)
+    assert full_collections_in_a_sweep(services) == full_collections
     assert services.forgotten == 1
-    assert seen.count(2) == full_collections
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_servers_sweep_skips_the_full_collection_while_a_real_terminal_is_open(client, services):
+    assert full_collections_in_a_sweep(services) == 1
+    await client.dev_login("sweep@example.com")
+    term = await TerminalClient.open(client)
+    try:
+        await term.run("echo open-$((1+1))", "open-2")
+        assert full_collections_in_a_sweep(services) == 0
+    finally:
+        term.close()
+    deadline = time.monotonic() + 15
+    while services.hub.terminals():
+        assert time.monotonic() < deadline, "the terminal never closed"
+        await asyncio.sleep(0.05)
+    assert full_collections_in_a_sweep(services) == 1
