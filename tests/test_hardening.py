@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,8 @@ from threecompute.app import server_options
 from threecompute.handlers import files
 from threecompute.handlers.auth import dev_user_id
 from threecompute.limits import MAX_UPLOADS_PER_USER
-from threecompute.workspace import MAX_LISTED_ENTRIES
+from threecompute.uploads import UploadBatch
+from threecompute.workspace import MAX_LISTED_ENTRIES, AtomicWriter
 
 from .conftest import NO_RATE_LIMITS, Client, body_json
 from .test_files import snapshot, upload
@@ -234,6 +237,50 @@ async def test_dropped_puts_and_uploads_leave_nothing_behind(make_client, servic
     assert open_fds() - baseline_fds < 10, f"{open_fds() - baseline_fds} descriptors more"
     assert os.listdir(workspace_of(data_dir, ATTACKER)) == []
     watch.check("504 dropped PUTs and uploads")
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("kind, step", [("put", (AtomicWriter, "commit")), ("upload", (UploadBatch, "finish"))])
+async def test_a_body_that_came_whole_lands_whole_when_its_client_leaves(kind, step, make_client, services, data_dir,
+                                                                         http_port, monkeypatch, caplog):
+    """The client leaves after sending the whole body, while the file is put in place: it lands
+    whole, as any request whose answer is lost, with no error and nothing left behind."""
+    client = await signed_in(make_client, ATTACKER)
+    await client.fetch("/list-files")
+    step_entered, client_left, resumed_after_leaving = threading.Event(), threading.Event(), []
+    run_step = getattr(*step)
+
+    def run_once_the_client_left(self, *args):
+        step_entered.set()
+        resumed_after_leaving.append(client_left.wait(20))
+        return run_step(self, *args)
+
+    monkeypatch.setattr(*step, run_once_the_client_left)
+    content, boundary = b"whole " * 5000, uuid.uuid4().hex
+    if kind == "put":
+        body = content
+        head = (f"PUT /file/landed.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {client.cookie_header()}\r\n"
+                f"Content-Length: {len(body)}\r\n")
+    else:
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="landed.txt"\r\n\r\n'
+                .encode() + content + f"\r\n--{boundary}--\r\n".encode())
+        head = upload_head("/upload", client, boundary, len(body))
+    user_id = dev_user_id(ATTACKER)
+    # The body apart from the head, read by the loop: the server then watches the socket for its close.
+    _, writer = await raw(http_port, head)
+    await wait_for(lambda: services.limits.uploads_in_flight(user_id) == 1, what="the request to start")
+    writer.write(body)
+    await wait_for(step_entered.is_set, what=f"{step[0].__name__}.{step[1]}")
+    writer.close()
+    await wait_for(lambda: services.limits.uploads_in_flight(user_id) == 0, what="the server to see the client leave")
+    await asyncio.sleep(0.3)  # room for a clean-up to run, if one was started too soon
+    client_left.set()
+    await wait_for(lambda: live_handlers() == 0, what="the request to end")
+    await wait_for(lambda: not os.listdir(temp_of(data_dir, ATTACKER)), what="the temporary file to go")
+    assert resumed_after_leaving == [True]
+    assert (workspace_of(data_dir, ATTACKER) / "landed.txt").read_bytes() == content
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors
 
 
 # -- 3. form fields ---------------------------------------------------------------------

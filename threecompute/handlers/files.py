@@ -156,6 +156,19 @@ def write_all(write: Callable[[bytes], None], chunks: list[bytes]) -> None:
         write(chunk)
 
 
+def land(writer: AtomicWriter, chunks: list[bytes]) -> None:
+    """The last chunks of a body, then the file in its place; on failure, nothing is left."""
+    with writer:
+        write_all(writer.write, chunks)
+        writer.commit()
+
+
+def land_batch(batch: UploadBatch, chunks: list[bytes]) -> int:
+    """The last chunks of a multipart body, then every file in its place; returns how many."""
+    write_all(batch.feed, chunks)
+    return batch.finish()
+
+
 class MoveHandler(WorkspaceHandler):
     async def post(self) -> None:
         body = self.json_body()
@@ -204,27 +217,26 @@ class UploadHandler(UploadBodyMixin):
 
     async def post(self) -> None:
         self.body_done()
-        if self.failure is None:
-            await self._feed(self.chunks_to_write(None))
         if self.failure is not None:
             raise self.failure
+        batch, self.batch = self.batch, None  # the whole body is here: a client leaving now cannot undo it
+        if batch is None:
+            return  # the client left in between
         try:
-            count = await self.in_executor(self.batch.finish)
-        except MultipartError as exc:
-            await self.in_executor(self.batch.abort)
-            raise upload_error(exc) from None
-        except WorkspaceError:
-            await self.in_executor(self.batch.abort)
+            count = await self.in_executor(land_batch, batch, self.chunks_to_write(None))
+        except (MultipartError, WorkspaceError):
+            await self.in_executor(batch.abort)
             raise
-        await self.after_upload()
+        await self.after_upload(batch)
         self.answer({"success": True, "files": count})
 
-    async def after_upload(self) -> None:
+    async def after_upload(self, batch: UploadBatch) -> None:
         pass
 
     def on_connection_close(self) -> None:
-        if self.batch is not None and not self._finished:
-            self.services.file_executor.submit(self.batch.abort)
+        batch, self.batch = self.batch, None
+        if batch is not None:  # the client left before the whole body came
+            self.services.file_executor.submit(batch.abort)
         super().on_connection_close()
 
     def _handle_request_exception(self, e: BaseException) -> None:
@@ -242,8 +254,8 @@ def upload_error(exc: MultipartError) -> HTTPError:
 class UploadFolderHandler(UploadHandler):
     keep_folders = True
 
-    async def after_upload(self) -> None:
-        folder = self.batch.field("move-into")
+    async def after_upload(self, batch: UploadBatch) -> None:
+        folder = batch.field("move-into")
         if folder:
             user = await self.require_user()
             # The answer need not wait for the terminals; a failure is only logged.
@@ -320,12 +332,12 @@ class FileHandler(UploadBodyMixin):
 
     async def put(self, path: str) -> None:
         self.body_done()
-        if self.writer is not None:
-            await self._write(self.chunks_to_write(None))
         if self.failure is not None:
             raise self.failure
-        await self.in_executor(self.writer.commit)
-        self.writer = None
+        writer, self.writer = self.writer, None  # the whole body is here: a client leaving now cannot undo it
+        if writer is None:
+            return  # the client left in between
+        await self.in_executor(land, writer, self.chunks_to_write(None))
         self.answer({"success": True})
 
     async def post(self, path: str) -> None:
