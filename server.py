@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_format, settings.debug)
     raise_open_file_limit()
-    memory.limit_arenas()  # before the executors start their threads
+    memory.tune_malloc()  # before the executors start their threads
     if settings.secret_generated:
         log.warning("FLASK_SECRET is not set: using a random one for this run (--dev); sessions end with it")
     try:

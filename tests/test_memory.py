@@ -1,6 +1,7 @@
 """Freed memory goes back to the system: a heap left full of holes (what a class leaving
-leaves behind) shrinks in resident size when trimmed (in a child process, so the test's own
-heap plays no part); the interpreter's caches are emptied, and housekeeping's full collection
+leaves behind) shrinks in resident size when trimmed, and a large buffer is mapped apart from
+the heap (each in a child process, so the test's own heap plays no part); the interpreter's
+caches are emptied, and housekeeping's full collection
 runs only while no terminal is open, on a fake hub and on the test server with a real one."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ kept = []
 def fill():
     blocks = [bytes(4096) + bytes([i % 256]) for i in range(20000)]  # ~80 MB in one thread's arena
     kept.extend(blocks[::16])  # a few live blocks everywhere: nothing at the top to give back
-memory.limit_arenas()
+memory.tune_malloc()
 worker = threading.Thread(target=fill)
 worker.start()
 worker.join()
@@ -46,6 +47,31 @@ def test_a_heap_full_of_holes_is_given_back():
     figures = json.loads(done.stdout)
     assert figures["trimmed"] is True
     assert figures["before"] - figures["after"] > 40 * 1024 * 1024, figures
+
+
+MAPPED_APART = r"""
+import ctypes, json, sys
+from threecompute import memory
+
+libc = ctypes.CDLL(None)
+libc.sbrk.restype = ctypes.c_void_p
+if sys.argv[1] == "tuned":
+    memory.tune_malloc()
+freed = bytes(4 * 2**20)
+del freed  # a mapped block freed: glibc's own threshold rises to its size
+top = libc.sbrk(0)
+held = bytes(2**20)
+print(json.dumps({"heap_growth": libc.sbrk(0) - top}))
+"""
+
+
+@pytest.mark.skipif(memory._libc() is None, reason="needs glibc mallopt")
+@pytest.mark.parametrize("how, grows", [("as glibc starts", True), ("tuned", False)])
+def test_a_large_buffer_stays_out_of_the_heap_after_a_larger_one_was_freed(how, grows):
+    done = subprocess.run([sys.executable, "-c", MAPPED_APART, how], capture_output=True, text=True,
+                          timeout=60, check=True)
+    growth = json.loads(done.stdout)["heap_growth"]
+    assert (growth >= 2**20) is grows, f"{how}: the heap grew {growth} bytes for a 1 MiB buffer"
 
 
 @pytest.mark.skipif(not hasattr(sys, "_clear_type_cache"), reason="CPython's attribute lookup cache")

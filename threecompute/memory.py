@@ -4,9 +4,14 @@ CPython's buffers and larger objects come from glibc's malloc, which keeps what 
 reuse: after a class of two hundred terminals leaves, the heap pages their buffers used stay
 in the server's resident size. Fewer malloc arenas (one per executor thread by default, up
 to eight per core) leave fewer half-empty heaps, and `malloc_trim` hands the free pages back.
-Both are glibc's; elsewhere these do nothing. server.py runs the interpreter on malloc for
-its small objects too (PYTHONMALLOC=malloc): CPython's own 1 MiB arenas go back only once
-empty, which a few objects left over from a busy hour prevent.
+A page goes back only once nothing in it is alive, so large buffers are kept out of the heap:
+glibc maps a block apart only from a threshold that it raises to the size of every mapped
+block freed (up to 32 MiB), after which a class's 1 MiB frames and 256 KiB file chunks grow
+the heap at its peak, and the few lasting objects made meanwhile land all over it. A fixed
+threshold keeps glibc's first one. All of this is glibc's; elsewhere these do nothing.
+server.py runs the interpreter on malloc for its small objects too (PYTHONMALLOC=malloc):
+CPython's own 1 MiB arenas go back only once empty, which a few objects left over from a
+busy hour prevent.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import functools
 import sys
 import urllib.parse
 
-M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (malloc.h)
 ARENAS = 4
+MMAP_THRESHOLD = 128 * 1024  # glibc's own, before it first raises it
 
 
 @functools.cache
@@ -31,10 +37,11 @@ def _libc() -> ctypes.CDLL | None:
     return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
-def limit_arenas(count: int = ARENAS) -> bool:
-    """At most `count` malloc arenas from now on (threads started later share them)."""
+def tune_malloc(arenas: int = ARENAS, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """At most `arenas` malloc arenas from now on (threads started later share them), and every
+    block of `mmap_threshold` bytes or more mapped apart, whatever sizes were freed before."""
     libc = _libc()
-    return bool(libc and libc.mallopt(M_ARENA_MAX, count))
+    return bool(libc and libc.mallopt(M_ARENA_MAX, arenas) and libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
 
 
 def trim() -> bool:

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 Send = Callable[[str], "Awaitable[Any] | None"]
 
 READ_CHUNK = 64 * 1024
+# Every terminal reads into this one buffer (reads happen on the IOLoop's thread only): a
+# read of its own would allocate READ_CHUNK bytes each time, also for the read that finds
+# nothing, and shrink them to the output's size, churning the heap that lasting objects share.
+_READ_BUFFER = memoryview(bytearray(READ_CHUNK))
 # Per readable event at most this many bytes, and this many reads (a program writing a byte
 # at a time could otherwise keep us reading forever); then we yield to the rest of the loop.
 READ_BUDGET = 256 * 1024
@@ -294,7 +298,7 @@ class PtySession:
         budget = READ_BUDGET
         for _ in range(READS_PER_EVENT):
             try:
-                data = os.read(self._fd, READ_CHUNK)
+                count = os.readv(self._fd, [_READ_BUFFER])
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -303,11 +307,11 @@ class PtySession:
                     log.warning("reading pty of pid %s: %s", self.pid, exc)
                 self._child_gone()
                 return
-            if not data:
+            if not count:
                 self._child_gone()
                 return
-            budget -= len(data)
-            self._take_output(data)
+            budget -= count
+            self._take_output(_READ_BUFFER[:count])
             if self._pending_bytes >= MAX_FRAME_BYTES:
                 self._flush()
                 if self._paused:
@@ -316,7 +320,7 @@ class PtySession:
                 break
         self._schedule_flush()
 
-    def _take_output(self, data: bytes) -> None:
+    def _take_output(self, data: memoryview) -> None:
         if self.stats.first_output_at is None:
             self.stats.first_output_at = time.monotonic()
         self.stats.bytes_out += len(data)
