@@ -207,13 +207,14 @@ class UploadHandler(UploadBodyMixin):
         self.chunk_arrived()  # a slow disk is not a slow sender
 
     async def _feed(self, chunks: list[bytes]) -> None:
-        if not chunks:
+        batch = self.batch  # the connection's close may take it meanwhile
+        if not chunks or batch is None:
             return
         try:
-            await self.in_executor(write_all, self.batch.feed, chunks)
+            await self.in_executor(write_all, batch.feed, chunks)
         except (MultipartError, WorkspaceError) as exc:
             self.failure = exc
-            await self.in_executor(self.batch.abort)
+            await self.in_executor(batch.abort)
 
     async def post(self) -> None:
         self.body_done()
