@@ -6,12 +6,10 @@ on a fake hub and on the test server with a real one."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,6 +17,7 @@ import server
 from threecompute import memory
 
 from .terminal_client import TerminalClient
+from .test_terminal import wait_for
 
 CHILD = r"""
 import json, threading
@@ -143,8 +142,5 @@ async def test_the_servers_sweep_skips_the_full_collection_while_a_real_terminal
         assert full_collections_in_a_sweep(services) == 0
     finally:
         term.close()
-    deadline = time.monotonic() + 15
-    while services.hub.terminals():
-        assert time.monotonic() < deadline, "the terminal never closed"
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: not services.hub.terminals())  # the terminal has closed
     assert full_collections_in_a_sweep(services) == 1
