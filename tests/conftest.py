@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import tornado.testing
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
+from bench.common import free_port_block
 from threecompute.app import make_app, make_http_server, server_options
 from threecompute.containers.backend import BackendError
 from threecompute.handlers.terminal import close_all_sockets
@@ -35,24 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789"
 FRONTEND = "http://frontend.test:3000"
 ADMIN = "admin@example.com"
-
-
-def free_port_block(size: int = 10, low: int = 20000, high: int = 40000) -> int:
-    """The start of `size` consecutive ports nobody listens on (for PORT_BASE)."""
-    for _ in range(200):
-        start = random.randrange(low, high - size)
-        if all(port_is_free(p) for p in range(start, start + size)):
-            return start
-    raise RuntimeError("no free port block")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 # -- the fake OAuth provider ------------------------------------------------------------

@@ -15,9 +15,10 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from bench.common import port_is_free
 from threecompute.identity import COOKIE_NAME
 
-from .conftest import ADMIN, ROOT, Client, body_json, port_is_free
+from .conftest import ADMIN, ROOT, Client, body_json
 from .conftest import test_environ as environ_for
 from .terminal_client import TerminalClient
 

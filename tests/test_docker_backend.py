@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import random
 import socket
 import subprocess
 import threading
@@ -29,7 +28,7 @@ import ptyprocess
 import pytest
 from docker.constants import DEFAULT_MAX_POOL_SIZE
 
-from tests.conftest import port_is_free
+from bench.common import free_port_block
 from tests.pty_reader import read_until
 from threecompute.containers import deployment_id, make_backend
 from threecompute.containers.backend import BackendError, Box, UserRef
@@ -120,11 +119,11 @@ def shared(engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
 
 
 def free_port_range(count: int = 10) -> int:
-    """The first of `count` consecutive free TCP ports in 20000-40000."""
+    """The first of `count` consecutive free TCP ports, none handed out before in this module."""
     for _ in range(200):
-        start = random.randrange(20000, 40000 - count)
+        start = free_port_block(count)
         ports = range(start, start + count)
-        if _handed_out.isdisjoint(ports) and all(port_is_free(port) for port in ports):
+        if _handed_out.isdisjoint(ports):
             _handed_out.update(ports)
             return start
     raise RuntimeError("no free port range")
@@ -576,11 +575,14 @@ def test_idle_engine_connections_are_closed_but_never_under_a_call(engine, setti
             for n in range(20):
                 backend._call(inspect, f"3compute-no-such-container-{i}-{n}")
 
-        threads = [threading.Thread(target=burst, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        for _ in range(5):  # a fast engine may answer one thread's calls before the next asks
+            threads = [threading.Thread(target=burst, args=(i,)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            if descriptors() > before:
+                break
         assert descriptors() > before, "the burst left no pooled connection to close"
 
         caller = concurrent.futures.ThreadPoolExecutor(1)

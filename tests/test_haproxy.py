@@ -20,9 +20,10 @@ import pytest
 import requests
 import socketio
 
+from bench.common import port_is_free
 from threecompute.identity import COOKIE_NAME
 
-from .conftest import ROOT, Client, body_json, port_is_free
+from .conftest import ROOT, Client, body_json
 from .terminal_client import TerminalClient
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")

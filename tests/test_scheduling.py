@@ -12,9 +12,10 @@ import time
 
 import pytest
 
+from bench.common import port_is_free
 from threecompute import scheduling
 
-from .conftest import ROOT, port_is_free
+from .conftest import ROOT
 from .test_startup import wait_for_health
 
 pytestmark = pytest.mark.skipif(

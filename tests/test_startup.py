@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from bench.common import port_is_free
 from threecompute.settings import ConfigError, load_settings
 
-from .conftest import ROOT, port_is_free, run_server_process
+from .conftest import ROOT, run_server_process
 
 LONG_SECRET = "s" * 32
 

@@ -15,9 +15,10 @@ import psutil
 import pytest
 import requests
 
+from bench.common import free_port
 from threecompute.handlers.auth import dev_user_id
 
-from .conftest import ROOT, free_port_block
+from .conftest import ROOT
 
 UPLOAD_BYTES = 300 * 1024 * 1024
 CHUNK = b"0123456789abcdef" * 4096  # 64 KiB
@@ -26,7 +27,7 @@ GROWTH_BOUND_BYTES = 32 * 1024 * 1024  # a tenth of the upload; streaming keeps 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, psutil.Process, Path]]:
-    port = free_port_block(1, 42000, 43000)
+    port = free_port()
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "FLASK_SECRET": "x" * 32}
     process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--dev", "--backend", "local",
                                 "--port", str(port)], cwd=tmp_path, env=env,

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import free_port_block
 from threecompute.containers import make_backend
 from threecompute.settings import load_settings
 
-from .conftest import ROOT, SECRET, free_port_block
+from .conftest import ROOT, SECRET
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
