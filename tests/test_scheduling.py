@@ -81,3 +81,44 @@ def test_the_server_started_as_a_service_sets_its_group_and_logs_it(tmp_path):
     finally:
         server.kill()
     assert "scheduling group at nice -4 (SERVER_NICE)" in output
+
+
+RELAYS = """
+import asyncio
+import sys
+from tornado.ioloop import IOLoop
+from threecompute import scheduling
+from threecompute.pty.session import PtySession
+
+async def main():
+    print(scheduling.claim_cpu_share(int(sys.argv[1])), flush=True)
+    argv = ["sh", "-c", "echo up; exec sleep 60"]
+    relay, program = (PtySession(argv, lambda text: None, share_cpu=share) for share in (True, False))
+    while relay.stats.first_output_at is None or program.stats.first_output_at is None:
+        await asyncio.sleep(0.01)
+    print(relay.pid, program.pid, flush=True)
+    sys.stdin.readline()
+    for session in (relay, program):
+        session.close()
+        await session.wait_closed()
+
+IOLoop.current().run_sync(main)
+"""
+
+
+@pytest.mark.parametrize("nice", [-6, 0])
+def test_a_relay_shares_the_servers_group_nice_and_a_users_program_does_not(nice):
+    """A terminal whose child only relays (`docker exec`) gets the server's claimed nice value
+    for the session group the child leads, once it runs; any other terminal's stays at 0,
+    and so does every one when the server claimed nothing (SERVER_NICE=0)."""
+    server = subprocess.Popen([sys.executable, "-c", RELAYS, str(nice)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    try:
+        said = server.stdout.readline().strip()
+        relay, program = (int(pid) for pid in server.stdout.readline().split())
+        groups = scheduling.session_group_nice(relay), scheduling.session_group_nice(program)
+        own = scheduling.session_group_nice(server.pid)
+    finally:
+        server.communicate("\n", timeout=20)
+    assert (said.startswith("scheduling group at nice") if nice else "left as it is" in said)
+    assert groups == (nice, 0) and own == nice

@@ -5,7 +5,9 @@ that loop waits for a CPU behind hundreds of per-student processes (`docker exec
 container shims, tmux servers), and Linux serves each of them as the server's equal: it
 schedules by session (autogroup), giving every session the same share whatever the nice
 values inside it, and each relay leads a session of its own. Lowering the server's own nice
-value therefore changes nothing; the nice value of its session's group does.
+value therefore changes nothing; the nice value of its session's group does. The relays
+carry every keystroke and echo too, so theirs get the same value (`share_cpu_share`); the
+students' own programs, in their containers, do not.
 
 The group is shared by the whole session, so it is set only when the server leads a session
 of its own, as under systemd or Docker or when started with `setsid`. Started from a shell,
@@ -16,11 +18,13 @@ service manager's CPU weight (systemd's `CPUWeight=`) does the same job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 AUTOGROUP = Path("/proc/self/autogroup")
 AUTOGROUP_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
+_claimed: int | None = None  # the nice value claim_cpu_share gave the server's group
 
 
 def claim_cpu_share(nice: int) -> str:
@@ -37,7 +41,23 @@ def claim_cpu_share(nice: int) -> str:
         AUTOGROUP.write_text(f"{nice}\n")
     except OSError as exc:  # EACCES/EPERM without CAP_SYS_NICE; ENOENT without autogroup
         return f"scheduling group not changed: {exc.strerror or exc} (SERVER_NICE={nice})"
+    global _claimed
+    _claimed = nice
     return f"scheduling group at nice {nice} (SERVER_NICE)"
+
+
+def share_cpu_share(pid: int) -> None:
+    """Give the session group that `pid` leads the nice value the server claimed for its own.
+
+    For a terminal's relay (`docker exec`, a session of its own): every keystroke and echo
+    passes through it as well as through the server, and at nice 0 it waits for a CPU behind
+    the students' own programs like any of them. Nothing happens if the server claimed no
+    share or `pid` does not lead a session (yet): the group would then be the server's own."""
+    if _claimed is None:
+        return
+    with contextlib.suppress(OSError):  # the relay is gone already
+        if os.getsid(pid) == pid:
+            Path(f"/proc/{pid}/autogroup").write_text(f"{_claimed}\n")
 
 
 def session_group_nice(pid: int | str = "self") -> int | None:

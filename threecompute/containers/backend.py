@@ -51,6 +51,10 @@ class AttachCommand:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    # argv only carries the terminal's bytes to and from a program elsewhere (a `docker exec`
+    # client): it may share the server's CPU priority. A program that runs the user's own
+    # code (the local backend's shell) must not.
+    relay: bool = False
 
 
 def tmux_session_name(tab_id: str) -> str:

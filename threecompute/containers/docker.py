@@ -501,7 +501,7 @@ class DockerBackend(ContainerBackend):
         self._live_clients.add(client_id)
         argv = [self.docker_cli, *self._cli_host_args(box.ref), "exec", "-it", "-e", "TERM=xterm-256color",
                 "-w", "/app", box.ref, "sh", "-c", script]
-        return AttachCommand(argv=argv)
+        return AttachCommand(argv=argv, relay=True)
 
     async def detach(self, box: Box, client_id: str) -> None:
         script = DETACH_SCRIPT.format(dir=CLIENTS_DIR, cid=self._record(client_id))

@@ -254,7 +254,7 @@ class TerminalHub:
         command = self.backend.attach_command(box, tab_id, client_id, read_only=watcher is not None)
         try:
             return PtySession(command.argv, send, on_exit=exited, env=attach_env(command), cwd=command.cwd,
-                              rows=rows, cols=cols)
+                              rows=rows, cols=cols, share_cpu=command.relay)
         except OSError as exc:
             self._counters["spawn_errors_total"] += 1
             log.warning("could not start %s for user %s: %s", command.argv[:1], user.user_id, exc)

@@ -40,6 +40,8 @@ from ptyprocess import PtyProcess
 from ptyprocess.ptyprocess import _make_eof_intr
 from tornado.ioloop import IOLoop
 
+from .. import scheduling
+
 log = logging.getLogger(__name__)
 
 Send = Callable[[str], "Awaitable[Any] | None"]
@@ -170,8 +172,10 @@ class PtySession:
 
     def __init__(self, argv: Sequence[str], send: Send, *, on_exit: Callable[[], None] | None = None,
                  env: dict[str, str] | None = None, cwd: str | None = None, rows: int = 24, cols: int = 80,
-                 limits: FlowLimits | None = None, coalesce_seconds: float = COALESCE_SECONDS) -> None:
+                 limits: FlowLimits | None = None, coalesce_seconds: float = COALESCE_SECONDS,
+                 share_cpu: bool = False) -> None:
         self._loop = IOLoop.current()
+        self._share_cpu = share_cpu  # the child relays the terminal: it gets the server's CPU share
         self._send = send
         self._on_exit = on_exit
         self._limits = limits or FlowLimits()
@@ -323,6 +327,8 @@ class PtySession:
     def _take_output(self, data: memoryview) -> None:
         if self.stats.first_output_at is None:
             self.stats.first_output_at = time.monotonic()
+            if self._share_cpu:  # it runs, so it leads its session (setsid --ctty) by now
+                scheduling.share_cpu_share(self.pid)
         self.stats.bytes_out += len(data)
         self.stats.reads += 1
         self._pending_bytes += len(data)

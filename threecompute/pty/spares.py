@@ -112,7 +112,7 @@ class Spares:
 
         try:
             session = PtySession(command.argv, heard, on_exit=lambda: self._ended(user.user_id, spare),
-                                 env=attach_env(command), cwd=command.cwd)
+                                 env=attach_env(command), cwd=command.cwd, share_cpu=command.relay)
         except OSError as exc:  # only the speed-up is lost
             log.warning("could not start a spare attachment for user %s: %s", user.user_id, exc)
             return
