@@ -50,9 +50,9 @@ def share_cpu_share(pid: int) -> None:
     """Give the session group that `pid` leads the nice value the server claimed for its own.
 
     For a terminal's relay (`docker exec`, a session of its own): every keystroke and echo
-    passes through it as well as through the server, and at nice 0 it waits for a CPU behind
-    the students' own programs like any of them. Nothing happens if the server claimed no
-    share or `pid` does not lead a session (yet): the group would then be the server's own."""
+    passes through it as well as through the server, and at nice 0 it waits for a CPU as
+    long as any other session. Nothing happens if the server claimed no share, or if `pid`
+    does not lead a session (yet): the group would then be the server's own."""
     if _claimed is None:
         return
     with contextlib.suppress(OSError):  # the relay is gone already
