@@ -195,7 +195,10 @@ def test_attach_command_shape_and_client_id_check(tmp_path):
     backend = make_backend(settings)
     assert isinstance(backend, DockerBackend)
     user = UserRef("u1", 8000, tmp_path / "w")
-    argv = backend.attach_command(Box(user, "c0ffee"), "7", "abcdefgh").argv
+    command = backend.attach_command(Box(user, "c0ffee"), "7", "abcdefgh")
+    argv = command.argv
+    # Only a relay: it may share the server's CPU share (scheduling.share_cpu_share).
+    assert command.relay and backend.spare_command(Box(user, "c0ffee"), "abcdefgi").relay
     assert argv[1:8] == ["exec", "-it", "-e", "TERM=xterm-256color", "-w", "/app", "c0ffee"]
     assert argv[8:10] == ["sh", "-c"] and argv[10].endswith("exec tmux new-session -A -s tab7")
     assert f"{CLIENTS_DIR}/{replica_tag(settings)}abcdefgh" in argv[10].replace("$d", CLIENTS_DIR)

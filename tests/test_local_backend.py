@@ -64,6 +64,7 @@ def test_ensure_makes_the_workspace_and_attach_runs_tmux_in_it(backend, ann):
     assert cmd.argv[1:] == ["-L", backend.socket_name("ann"), "-f", str(TMUX_CONF), "new-session", "-A", "-s",
                             "tab1"]
     assert cmd.cwd == str(ann.workspace)
+    assert not cmd.relay  # the user's own shell: it never gets the server's CPU share
     assert cmd.env["TERM"] == "xterm-256color" and cmd.env["HOME"] == str(ann.workspace)
     assert cmd.env["LANG"] == "C.UTF-8"
     assert asyncio.run(backend.health())["ok"] is True
