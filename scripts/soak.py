@@ -34,8 +34,9 @@ At the end, checked: every file write the server acknowledged (200) is on disk w
 content (a write whose answer was lost may or may not have landed; a refused one must not
 have changed anything), no temporary file is left, no PTY child, descriptor or container is
 leaked (counted after a warm-up and at the end, when every user has gone), the server's
-memory is back within 10 % of the warm-up figure (waited for up to `--memory-wait` seconds:
-the server lets idle users' records go 30 to 60 s after their last use), and the
+memory is back within 10 % of the figure taken `--settle` seconds after the warm-up (waited
+for up to `--memory-wait` seconds: the server lets idle users' records go 30 to 60 s after
+their last use), and the
 bystander's echo p99 outside the fault windows is under 50 ms (`--echo-limit-ms`). Report:
 results/soak.json and a PNG with the fault windows marked. Exit status 0 only if every
 check passed.
@@ -100,6 +101,7 @@ from bench.common import (  # noqa: E402
     summarize,
     wait_first_output,
 )
+from server import HOUSEKEEPING_SECONDS  # noqa: E402
 from threecompute.handlers.auth import dev_user_id  # noqa: E402
 
 MAX_USERS, MAX_TABS, MAX_DURATION = 200, 4, 7200
@@ -506,16 +508,16 @@ class Soak:
                     kinds["engine" if kind == "socket" and target[8:-1] in engine else kind] += 1
         return dict(kinds)
 
-    async def quiet_point(self, timeout: float = 60.0) -> dict[str, float]:
+    async def quiet_point(self, settle: float = 3.0, timeout: float = 60.0) -> dict[str, float]:
         """Every terminal of the server closed and its children reaped (spare attachments
-        too, within 5 s); then a measurement."""
+        too, within 5 s); `settle` seconds later, a measurement."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sample = self.measure()
             if sample and sample["children"] == 0 and await self.open_terminals() == 0:
                 break
             await asyncio.sleep(0.5)
-        await asyncio.sleep(3.0)  # closes in flight finish their detach
+        await asyncio.sleep(max(3.0, settle))  # closes in flight finish their detach
         # Counted after a full collection (SIGUSR1): what only waits for the collector is not held.
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.server.pid, signal.SIGUSR1)
@@ -546,7 +548,7 @@ class Soak:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             return -1
         for line in body.decode(errors="replace").splitlines():
-            if line.startswith("threecompute_terminal_open_terminals "):
+            if line.startswith("threecompute_open_terminals "):
                 return float(line.split()[1])
         return -1
 
@@ -858,7 +860,7 @@ async def drive(args: argparse.Namespace, server: ServerProcess) -> dict[str, An
     await asyncio.sleep(args.warmup + 1)
     warm.stop.set()
     await asyncio.gather(*warm_jobs, return_exceptions=True)
-    baseline = await soak.quiet_point()
+    baseline = await soak.quiet_point(settle=args.settle)
     containers_before = deployment_containers(server.deployment) if server.backend == "docker" else []
     print(f"soak: baseline {baseline}", file=sys.stderr, flush=True)
 
@@ -905,6 +907,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tabs", type=int, default=2)
     p.add_argument("--duration", type=float, default=900.0, help="seconds of soak, after the warm-up")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of a few users before the baseline")
+    p.add_argument("--settle", type=float, default=2 * HOUSEKEEPING_SECONDS,
+                   help="seconds between the warm-up's end and the baseline: the server lets idle users' "
+                        "records go one to two housekeeping periods after their last use")
     p.add_argument("--memory-wait", type=float, default=75.0,
                    help="at most this many seconds, once everyone has gone, for the memory to come back")
     p.add_argument("--ramp", type=float, default=120.0, help="seconds over which the users arrive")
@@ -935,8 +940,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--users must be 1..{MAX_USERS}, --tabs 1..{MAX_TABS}, --identities 1..5")
     if not 10 <= args.duration <= MAX_DURATION or not 0 < args.warmup <= 300 or not 0 <= args.ramp <= 600:
         p.error(f"--duration must be 10..{MAX_DURATION} s, --warmup in (0, 300], --ramp in [0, 600]")
-    if not 16 <= args.disk_mb <= 4096 or not 1 <= args.disk_hold <= 300 or not 0 <= args.memory_wait <= 600:
-        p.error("--disk-mb must be 16..4096, --disk-hold 1..300 and --memory-wait 0..600")
+    if not 16 <= args.disk_mb <= 4096 or not 1 <= args.disk_hold <= 300 or not 0 <= args.memory_wait <= 600 \
+            or not 0 <= args.settle <= 600:
+        p.error("--disk-mb must be 16..4096, --disk-hold 1..300, --memory-wait and --settle 0..600")
     if args.spawn == "local" and ("container" in args.faults or "dockerd" in args.faults):
         p.error("the container and dockerd faults need --spawn docker")
     return args
