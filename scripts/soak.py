@@ -32,12 +32,12 @@ on the engine, so it is never in the default of a shared machine's test run).
 
 At the end, checked: every file write the server acknowledged (200) is on disk with its
 content (a write whose answer was lost may or may not have landed; a refused one must not
-have changed anything), no temporary file is left, no PTY child, descriptor or container is
-leaked (counted after a warm-up and at the end, when every user has gone), the server's
-memory is back within 10 % of the figure taken `--settle` seconds after the warm-up (waited
-for up to `--memory-wait` seconds: the server lets idle users' records go 30 to 60 s after
-their last use), and the
-bystander's echo p99 outside the fault windows is under 50 ms (`--echo-limit-ms`). Report:
+have changed anything), no temporary file is left, no terminal, PTY child, descriptor or
+container is leaked (counted after a warm-up and at the end, when every user has gone), the
+server's memory is back within 10 % of the figure taken `--settle` seconds after the warm-up
+(waited for up to `--memory-wait` seconds: the server lets idle users' records go 30 to 60 s
+after their last use), and the bystander's echo p99 outside the fault windows is under 50 ms
+(`--echo-limit-ms`). Report:
 results/soak.json and a PNG with the fault windows marked. Exit status 0 only if every
 check passed.
 
@@ -522,7 +522,8 @@ class Soak:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.server.pid, signal.SIGUSR1)
         await asyncio.sleep(0.5)
-        return {**(self.measure() or {}), "descriptor_kinds": self.descriptor_kinds()}
+        return {**(self.measure() or {}), "server_terminals": await self.open_terminals(),
+                "descriptor_kinds": self.descriptor_kinds()}
 
     async def memory_returned(self, baseline: dict, end: dict, within: float) -> dict:
         """`end`, its memory measured again every 5 s until it is back within the tolerance of
@@ -759,6 +760,7 @@ def build_report(soak: Soak, baseline: dict, end: dict, files: dict, containers:
     errors_outside = Counter(k for t, k in rec.error_times if not in_windows(t, windows))
     leaks = {
         "pty_children": end.get("children", -1) - baseline.get("children", 0),
+        "terminals": end.get("server_terminals", -1),  # still open at the server (-1: unread)
         "descriptors": max(0, not_engine(end) - not_engine(baseline)),
         "engine_connections_over_pool": max(0, end.get("descriptor_kinds", {}).get("engine", 0) - ENGINE_POOL_BOUND),
         "containers": containers.get("duplicates", 0) + containers.get("unknown_owner", 0),
