@@ -37,9 +37,8 @@ container is leaked (counted after a warm-up and at the end, when every user has
 server's memory is back within 10 % of the figure taken `--settle` seconds after the warm-up
 (waited for up to `--memory-wait` seconds: the server lets idle users' records go 30 to 60 s
 after their last use), and the bystander's echo p99 outside the fault windows is under 50 ms
-(`--echo-limit-ms`). Report:
-results/soak.json and a PNG with the fault windows marked. Exit status 0 only if every
-check passed.
+(`--echo-limit-ms`). Report: results/soak.json and a PNG with the fault windows marked.
+Exit status 0 only if every check passed.
 
 Bounded: at most 200 users, 4 tabs each, two hours; loopback only.
 """
