@@ -45,8 +45,17 @@ if dockerd_running; then
 else
     log "starting dockerd (log: $DOCKERD_LOG)"
     mkdir -p "$(dirname "$DOCKERD_LOG")"
+    # The daemon starts as a service would, with none of the caller's environment: dockerd
+    # hands its own to iptables and runc, so a preload or allocator setting meant for one
+    # process would reach every container's start. PATH and the proxy settings pass.
+    engine_env=(PATH="$PATH")
+    for name in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
+        if [ -n "${!name:-}" ]; then
+            engine_env+=("$name=${!name}")
+        fi
+    done
     # setsid + nohup: the daemon outlives this script and the calling shell.
-    setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    setsid nohup env -i "${engine_env[@]}" dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
     started=1
 fi
 

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "soak.py"
+CALLERS_OWN = "SOAK_CALLERS_OWN_SETTING"
 FAULTS = "exec,container,disk,restart" + (",dockerd" if os.environ.get("SOAK_STOP_DOCKERD") == "1" else "")
 
 
@@ -36,7 +37,7 @@ def test_a_short_soak_with_every_fault_loses_and_leaks_nothing(tmp_path):
             # long soak's (make soak); here a bound that only a stalled server misses.
             "--echo-limit-ms", "250"]
     result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=380)
+                            timeout=380, env={**os.environ, CALLERS_OWN: "1"})
     assert out.exists(), result.stderr[-3000:]
     report = json.loads(out.read_text())
     summary = {k: report[k] for k in ("checks", "leaks", "memory", "faults", "errors_outside_faults",
@@ -52,6 +53,13 @@ def test_a_short_soak_with_every_fault_loses_and_leaks_nothing(tmp_path):
     assert report["cpu"]["server_cores"]["mean"] > 0 and report["cpu"]["machine_busy_percent"]["mean"] > 0
     if importlib.util.find_spec("matplotlib") is not None:  # requirements-bench.txt
         assert out.with_suffix(".png").stat().st_size > 0
+    if "dockerd" in FAULTS:  # the engine it started again has none of the soak's environment
+        assert f"{CALLERS_OWN}=".encode() not in engine_environment()
+
+
+def engine_environment() -> bytes:
+    pid = Path("/var/run/docker.pid").read_text().strip()
+    return Path(f"/proc/{pid}/environ").read_bytes()
 
 
 @pytest.mark.parametrize("flags", [["--memory-wait", "-1"], ["--memory-wait", "601"], ["--settle", "-1"],
