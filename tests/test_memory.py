@@ -1,7 +1,7 @@
 """Freed memory goes back to the system: a heap left full of holes (what a class leaving
-leaves behind) shrinks in resident size when trimmed, and a large buffer is mapped apart from
-the heap (each in a child process, so the test's own heap plays no part); the interpreter's
-caches are emptied, and housekeeping's full collection runs only while no terminal is open,
+leaves behind) shrinks in resident size when trimmed, threads share one heap, and a large
+buffer is mapped apart from the heap (each in a child process, so the test's own heap plays
+no part); the interpreter's caches are emptied, and housekeeping's full collection runs only while no terminal is open,
 on a fake hub and on the test server with a real one."""
 
 from __future__ import annotations
@@ -71,6 +71,33 @@ def test_a_large_buffer_stays_out_of_the_heap_after_a_larger_one_was_freed(how, 
                           timeout=60, check=True)
     growth = json.loads(done.stdout)["heap_growth"]
     assert (growth >= 2**20) is grows, f"{how}: the heap grew {growth} bytes for a 1 MiB buffer"
+
+
+ARENAS_USED = r"""
+import ctypes, sys, threading
+from threecompute import memory
+
+if sys.argv[1] == "tuned":
+    memory.tune_malloc()
+kept = []
+def work():
+    kept.append([bytes(200) + bytes([i % 256]) for i in range(2000)])
+threads = [threading.Thread(target=work) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+ctypes.CDLL(None).malloc_stats()  # a section per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(memory._libc() is None, reason="needs glibc mallopt")
+@pytest.mark.parametrize("how, many", [("as glibc starts", True), ("tuned", False)])
+def test_threads_share_one_heap(how, many):
+    done = subprocess.run([sys.executable, "-c", ARENAS_USED, how], capture_output=True, text=True,
+                          timeout=60, check=True)
+    arenas = done.stderr.count("Arena ")
+    assert (arenas > 1) is many, f"{how}: {arenas} malloc arena(s) for 6 threads"
 
 
 @pytest.mark.skipif(not hasattr(sys, "_clear_type_cache"), reason="CPython's attribute lookup cache")

@@ -2,8 +2,9 @@
 
 CPython's buffers and larger objects come from glibc's malloc, which keeps what is freed for
 reuse: after a class of two hundred terminals leaves, the heap pages their buffers used stay
-in the server's resident size. Fewer malloc arenas (one per executor thread by default, up
-to eight per core) leave fewer half-empty heaps, and `malloc_trim` hands the free pages back.
+in the server's resident size. One malloc arena for every thread (glibc gives each thread
+its own by default, up to eight per core) leaves one heap, whose free pages `malloc_trim`
+hands back, instead of several half-empty ones; the GIL serialises most allocations anyway.
 A page goes back only once nothing in it is alive, so large buffers are kept out of the heap:
 glibc maps a block apart only from a threshold that it raises to the size of every mapped
 block freed (up to 32 MiB), after which a class's 1 MiB frames and 256 KiB file chunks grow
@@ -23,7 +24,7 @@ import sys
 import urllib.parse
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters (malloc.h)
-ARENAS = 4
+ARENAS = 1
 MMAP_THRESHOLD = 128 * 1024  # glibc's own, before it first raises it
 
 
