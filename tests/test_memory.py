@@ -1,8 +1,8 @@
 """Freed memory goes back to the system: a heap left full of holes (what a class leaving
 leaves behind) shrinks in resident size when trimmed, threads share one heap, and a large
 buffer is mapped apart from the heap (each in a child process, so the test's own heap plays
-no part); the interpreter's caches are emptied, and housekeeping's full collection runs only while no terminal is open,
-on a fake hub and on the test server with a real one."""
+no part); the interpreter's caches are emptied, and housekeeping's full collection runs only
+while no terminal is open, on a fake hub and on the test server with a real one."""
 
 from __future__ import annotations
 
