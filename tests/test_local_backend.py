@@ -96,6 +96,16 @@ def test_close_tab_kills_only_that_session(backend, ann):
     asyncio.run(backend.close_tab(UserRef("bob", 8010, ann.workspace.parent / "bob"), "1"))  # no server
 
 
+def test_the_tmux_server_outlives_its_last_session(backend, ann):
+    """A server that ended with its last session would race the next attach: a client that
+    connects while it shuts down prints "server exited unexpectedly", and its terminal ends."""
+    _, proc = open_tab(backend, ann, "1")
+    close(proc)
+    asyncio.run(backend.close_tab(ann, "1"))
+    sessions = tmux(backend, ann, "list-sessions")
+    assert (sessions.returncode, sessions.stdout, sessions.stderr) == (0, "", "")
+
+
 def test_cd_all_tabs_moves_every_shell(backend, ann):
     (ann.workspace / "my 'odd' dir").mkdir(parents=True)
     _, one = open_tab(backend, ann, "1")
