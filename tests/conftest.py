@@ -4,6 +4,8 @@ loopback, settings on a temporary DATA_DIR, and a small cookie-keeping HTTP clie
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import os
 import secrets
@@ -11,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import urllib.parse
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
@@ -31,6 +34,16 @@ from threecompute.services import Services, build_services
 from threecompute.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def load_script(name: str) -> types.ModuleType:
+    """scripts/<name>.py as a module, loaded once."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 SECRET = "test-secret-0123456789abcdef0123456789"
 FRONTEND = "http://frontend.test:3000"
 ADMIN = "admin@example.com"

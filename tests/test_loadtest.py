@@ -3,27 +3,17 @@ JSON report's shape; plus its refusals (a non-loopback target, unbounded sizes).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, load_script
+
 SCRIPT = ROOT / "scripts" / "loadtest.py"
-
-
-@functools.cache
-def load_script():
-    spec = importlib.util.spec_from_file_location("loadtest", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loadtest"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
@@ -59,7 +49,7 @@ def test_a_short_run_measures_echo_and_writes_its_report(tmp_path):
 
 
 def test_it_refuses_a_target_off_this_machine():
-    loadtest = load_script()
+    loadtest = load_script("loadtest")
     with pytest.raises(SystemExit, match="loopback"):
         loadtest.require_loopback("http://10.1.2.3:5555")
     loadtest.require_loopback("http://127.0.0.1:5555")
@@ -69,7 +59,7 @@ def test_it_refuses_a_target_off_this_machine():
 @pytest.mark.parametrize("flags", [["--users", "1000"], ["--tabs", "50"], ["--users", "100", "--tabs", "10"],
                                    ["--duration", "99999"]])
 def test_its_size_and_time_are_bounded(flags):
-    loadtest = load_script()
+    loadtest = load_script("loadtest")
     with pytest.raises(SystemExit) as exit_info:
         loadtest.parse_args(flags)
     assert exit_info.value.code == 2

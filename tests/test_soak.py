@@ -12,12 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import types
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, load_script
+
 SCRIPT = ROOT / "scripts" / "soak.py"
 CALLERS_OWN = "SOAK_CALLERS_OWN_SETTING"
 FAULTS = "exec,container,disk,restart" + (",dockerd" if os.environ.get("SOAK_STOP_DOCKERD") == "1" else "")
@@ -55,22 +54,14 @@ def test_a_short_soak_with_every_fault_loses_and_leaks_nothing(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:  # requirements-bench.txt
         assert out.with_suffix(".png").stat().st_size > 0
     if "dockerd" in FAULTS:  # the engine it started again has none of the soak's environment
-        engines = soak_module().default_engine()
+        engines = load_script("soak").default_engine()
         assert engines and all(CALLERS_OWN not in engine.environ() for engine in engines), engines
-
-
-def soak_module() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
-    soak = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = soak  # dataclasses look their module up there
-    spec.loader.exec_module(soak)
-    return soak
 
 
 @pytest.mark.parametrize("flags", [["--memory-wait", "-1"], ["--memory-wait", "601"], ["--settle", "-1"],
                                    ["--disk-hold", "0"], ["--users", "201"], ["--duration", "5"]])
 def test_its_settings_are_bounded(flags, capsys):
-    soak = soak_module()
+    soak = load_script("soak")
     with pytest.raises(SystemExit) as exit_info:
         soak.parse_args(flags)
     assert exit_info.value.code == 2
